@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class CellformersSettings:
+    """Package-wide settings.
+
+    Attributes
+    ----------
+    cache_dir
+        Folder where downloaded checkpoints and datasets are kept. Defaults to the
+        ``CELLFORMERS_CACHE`` environment variable, else ``~/.cache/cellformers``.
+    data_dir
+        Optional folder searched first for registry datasets (files are used when their
+        sha256 matches). Defaults to the ``CELLFORMERS_DATA`` environment variable.
+    """
+
+    def __init__(self) -> None:
+        self._cache_dir: Path | None = None
+        self._data_dir: Path | None = None
+
+    @property
+    def cache_dir(self) -> Path:
+        if self._cache_dir is not None:
+            return self._cache_dir
+        env = os.environ.get("CELLFORMERS_CACHE")
+        return Path(env) if env else Path.home() / ".cache" / "cellformers"
+
+    @cache_dir.setter
+    def cache_dir(self, path: str | os.PathLike | None) -> None:
+        self._cache_dir = None if path is None else Path(path)
+
+    @property
+    def data_dir(self) -> Path | None:
+        if self._data_dir is not None:
+            return self._data_dir
+        env = os.environ.get("CELLFORMERS_DATA")
+        return Path(env) if env else None
+
+    @data_dir.setter
+    def data_dir(self, path: str | os.PathLike | None) -> None:
+        self._data_dir = None if path is None else Path(path)
+
+    def __repr__(self) -> str:
+        return f"CellformersSettings(cache_dir={self.cache_dir!s}, data_dir={self.data_dir!s})"
+
+
+settings = CellformersSettings()
