@@ -1,0 +1,156 @@
+"""Registry of public datasets used in examples, tests and benchmarks.
+
+Every file is pinned by its sha256. A file is looked up, in order, in
+:attr:`cellformers.settings.data_dir` (``CELLFORMERS_DATA``), then in
+:attr:`cellformers.settings.cache_dir`; only when neither holds a copy with the right hash
+is it downloaded with pooch (for entries that have a public URL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import scanpy as sc
+
+from .._settings import settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A registry entry: file name, pinned sha256, optional download URL, licence and source."""
+
+    fname: str
+    sha256: str
+    url: str | None
+    license: str
+    source: str
+
+
+DATASETS: dict[str, DatasetEntry] = {
+    "cellbench_2platform": DatasetEntry(
+        fname="cellbench_2platform.h5ad",
+        sha256="464ea7fa81f4e947c12b772f5cf7cb53dc290afe56554c3164175a6b23b06e6e",
+        url=None,
+        license="MIT",
+        source="CellBench (Tian et al. 2019), 3 lung-adenocarcinoma cell lines on CEL-seq2 and Drop-seq",
+    ),
+    "papalexi_eccite_lowmoi": DatasetEntry(
+        fname="papalexi_eccite_lowmoi.h5ad",
+        sha256="5f8043bd4b4b131a041e06394c37c7389964b9a79db95ed1cd3e93fe360a8186",
+        url=None,
+        license="MIT",
+        source="ECCITE-seq CRISPR-KO screen in THP-1 cells (Papalexi et al. 2021), via sceptredata",
+    ),
+    "pbmc_citeseq_2batch": DatasetEntry(
+        fname="pbmc_citeseq_2batch.h5mu",
+        sha256="5f86ea458ffdaa1a93da30e9c97d40f35cb4b39e91bde1ddd63414408902f750",
+        url=None,
+        license="BSD-3-Clause",
+        source="10x CITE-seq PBMC 5k and 10k protein v3, 200 cells each (scvi-tools test data)",
+    ),
+    "merfish_motor_cortex": DatasetEntry(
+        fname="merfish_motor_cortex.h5ad",
+        sha256="2b370574725731170e13cfe72753d8a0e0b5c331f9aa0ce6a93af1ee897c2a90",
+        url=None,
+        license="BSD-3-Clause",
+        source="MERFISH mouse primary motor cortex, 253-gene panel (Tangram test data)",
+    ),
+}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch_file(name: str) -> Path:
+    """Return a local path to registry dataset ``name``, checking its sha256.
+
+    Parameters
+    ----------
+    name
+        A key of :data:`DATASETS`.
+
+    Returns
+    -------
+    Path to a verified local copy.
+    """
+    if name not in DATASETS:
+        raise KeyError(f"Unknown dataset {name!r}; known datasets: {sorted(DATASETS)}.")
+    entry = DATASETS[name]
+    folders = [f for f in (settings.data_dir, settings.cache_dir / "data") if f is not None]
+    for folder in folders:
+        path = Path(folder) / entry.fname
+        if path.is_file():
+            if _sha256(path) == entry.sha256:
+                return path
+            logger.warning("Ignoring %s: its sha256 does not match the registry.", path)
+    if entry.url is None:
+        raise FileNotFoundError(
+            f"Dataset {name!r} ({entry.fname}) has no public download URL. Put the file in a folder "
+            "and point the CELLFORMERS_DATA environment variable (or cellformers.settings.data_dir) at it."
+        )
+    import pooch
+
+    return Path(
+        pooch.retrieve(
+            entry.url,
+            known_hash=f"sha256:{entry.sha256}",
+            fname=entry.fname,
+            path=settings.cache_dir / "data",
+            progressbar=False,
+        )
+    )
+
+
+def is_available(name: str) -> bool:
+    """Whether dataset ``name`` can be loaded without a network connection."""
+    try:
+        entry = DATASETS[name]
+    except KeyError:
+        return False
+    folders = [f for f in (settings.data_dir, settings.cache_dir / "data") if f is not None]
+    return any((Path(f) / entry.fname).is_file() for f in folders)
+
+
+def cellbench_2platform() -> ad.AnnData:
+    """CellBench: 450 cells of 3 lung-adenocarcinoma cell lines on two platforms.
+
+    Raw UMI counts (CSR) for 15,073 genes; ``obs['cell_line']`` is the label, ``obs['batch']``
+    the platform (CEL-seq2 / Drop-seq); ``var['ensembl_id']`` holds Ensembl IDs.
+    """
+    return ad.read_h5ad(fetch_file("cellbench_2platform"))
+
+
+def papalexi_eccite_lowmoi() -> ad.AnnData:
+    """ECCITE-seq CRISPR knockout screen, 16,192 THP-1 cells × 299 genes, raw counts."""
+    return ad.read_h5ad(fetch_file("papalexi_eccite_lowmoi"))
+
+
+def pbmc68k_reduced_counts() -> ad.AnnData:
+    """scanpy's bundled ``pbmc68k_reduced`` with integer counts recovered from ``.raw``.
+
+    ``.raw.X`` is ``log1p`` of counts per 10,000, so counts are
+    ``round(expm1(raw.X) * n_counts / 1e4)``. The result has the 765 genes of ``.raw``, the
+    counts in ``X`` (CSR, float32) and in ``layers['counts']``, and the original ``obs``
+    (``bulk_labels`` holds 10 cell types). No network access is needed.
+    """
+    import scipy.sparse as sp
+
+    src = sc.datasets.pbmc68k_reduced()
+    raw = src.raw.X.toarray() if sp.issparse(src.raw.X) else np.asarray(src.raw.X)
+    counts = np.round(np.expm1(raw) * src.obs["n_counts"].to_numpy()[:, None] / 1e4)
+    counts = sp.csr_matrix(counts.astype(np.float32))
+    adata = ad.AnnData(X=counts, obs=src.obs.copy(), var=src.raw.var.copy())
+    adata.layers["counts"] = adata.X.copy()
+    return adata

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).parent
+SHARED_DATA = TESTS.parent.parent / "shared" / "data"
+
+# Point the dataset registry at the shared data folder when it is there, so tests need no network.
+if "CELLFORMERS_DATA" not in os.environ and SHARED_DATA.is_dir():
+    os.environ["CELLFORMERS_DATA"] = str(SHARED_DATA)
+
+
+@pytest.fixture(scope="session")
+def official_scgpt():
+    """The official scGPT package (0.2.4), importable on CPU with a stand-in torchtext."""
+    if importlib.util.find_spec("scgpt") is None:
+        pytest.skip("official scgpt is not installed (pip install --no-deps scgpt==0.2.4)")
+    if importlib.util.find_spec("torchtext") is None:
+        sys.path.insert(0, str(TESTS / "stubs"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return importlib.import_module("scgpt")
+
+
+@pytest.fixture(scope="session")
+def cellbench_path():
+    from cellformers.data import is_available
+
+    if not is_available("cellbench_2platform"):
+        pytest.skip("cellbench_2platform.h5ad not found: set CELLFORMERS_DATA to the shared data folder")
+    from cellformers.data import fetch_file
+
+    return fetch_file("cellbench_2platform")
+
+
+@pytest.fixture
+def cellbench(cellbench_path):
+    import anndata as ad
+
+    return ad.read_h5ad(cellbench_path)
+
+
+@pytest.fixture
+def pbmc_counts():
+    from cellformers.data import pbmc68k_reduced_counts
+
+    return pbmc68k_reduced_counts()
