@@ -1,5 +1,6 @@
-"""Data loading: dataset registry and batching helpers."""
+"""Data loading: dataset registry, input validation and batching helpers."""
 
+from ._batching import TokenizingCollator, length_bucketed_batches, to_csr
 from ._datasets import (
     DATASETS,
     cellbench_2platform,
@@ -8,12 +9,19 @@ from ._datasets import (
     papalexi_eccite_lowmoi,
     pbmc68k_reduced_counts,
 )
+from ._validation import check_expression, check_setup_keys, check_unique
 
 __all__ = [
     "DATASETS",
+    "TokenizingCollator",
     "cellbench_2platform",
+    "check_expression",
+    "check_setup_keys",
+    "check_unique",
     "fetch_file",
     "is_available",
+    "length_bucketed_batches",
     "papalexi_eccite_lowmoi",
     "pbmc68k_reduced_counts",
+    "to_csr",
 ]
