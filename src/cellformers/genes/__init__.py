@@ -1,1 +1,5 @@
-"""Placeholder, filled in by the owning layer."""
+"""Gene vocabularies and gene-name matching (symbols and Ensembl IDs)."""
+
+from ._vocab import SCGPT_SPECIALS, GeneVocab
+
+__all__ = ["SCGPT_SPECIALS", "GeneVocab"]
