@@ -1,1 +1,16 @@
-"""Placeholder, filled in by the owning layer."""
+"""Shared network parts: attention, transformer layers, token/value encoders and heads."""
+
+from ._attention import MultiheadSelfAttention
+from ._encoders import ContinuousValueEncoder, GeneEncoder
+from ._heads import ExprDecoder, MVCDecoder
+from ._transformer import TransformerEncoder, TransformerEncoderLayer
+
+__all__ = [
+    "ContinuousValueEncoder",
+    "ExprDecoder",
+    "GeneEncoder",
+    "MVCDecoder",
+    "MultiheadSelfAttention",
+    "TransformerEncoder",
+    "TransformerEncoderLayer",
+]

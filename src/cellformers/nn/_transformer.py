@@ -1,0 +1,161 @@
+"""Transformer encoder layers with the submodule names of :mod:`torch.nn`."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._attention import MultiheadSelfAttention
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+}
+
+
+class TransformerEncoderLayer(nn.Module):
+    """One transformer encoder block, key-compatible with :class:`torch.nn.TransformerEncoderLayer`.
+
+    Submodules are named ``self_attn``, ``linear1``, ``linear2``, ``norm1`` and ``norm2`` as in
+    torch, so state dicts of ``nn.TransformerEncoderLayer(batch_first=True)`` load unchanged.
+    Inputs are batch-first.
+
+    Parameters
+    ----------
+    d_model
+        Model (embedding) dimension.
+    nhead
+        Number of attention heads.
+    d_hid
+        Hidden dimension of the feed-forward block.
+    dropout
+        Dropout probability (attention weights, residual branches and feed-forward hidden layer).
+    activation
+        Feed-forward activation, ``"relu"`` or ``"gelu"``.
+    norm_first
+        Pre-norm (`True`) or post-norm (`False`, torch's default and scGPT's choice).
+    layer_norm_eps
+        Epsilon of both layer norms.
+
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        d_hid: int,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        norm_first: bool = False,
+        layer_norm_eps: float = 1e-5,
+    ):
+        super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}."
+            )
+        self.self_attn = MultiheadSelfAttention(d_model, nhead, dropout=dropout)
+        self.linear1 = nn.Linear(d_model, d_hid)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_hid, d_model)
+        self.norm_first = norm_first
+        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps)
+        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.activation_name = activation
+        self.activation = _ACTIVATIONS[activation]
+
+    def _sa_block(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        return self.dropout1(self.self_attn(x, key_padding_mask=key_padding_mask))
+
+    def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+
+    def forward(
+        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Apply the block.
+
+        Parameters
+        ----------
+        x
+            Input of shape ``[batch, length, d_model]``.
+        key_padding_mask
+            Boolean ``[batch, length]``, `True` at padded positions, or `None`.
+
+        Returns
+        -------
+        Tensor of shape ``[batch, length, d_model]``.
+
+        """
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), key_padding_mask)
+            x = x + self._ff_block(self.norm2(x))
+        else:
+            x = self.norm1(x + self._sa_block(x, key_padding_mask))
+            x = self.norm2(x + self._ff_block(x))
+        return x
+
+
+class TransformerEncoder(nn.Module):
+    """A stack of encoder layers held in ``.layers``, like :class:`torch.nn.TransformerEncoder`.
+
+    Parameters
+    ----------
+    layer
+        Either a layer instance, which is deep-copied ``num_layers`` times (so all layers start
+        with the same weights, as in torch), or a zero-argument callable returning a fresh layer
+        (independent initialisation per layer).
+    num_layers
+        Number of layers.
+    norm
+        Optional final normalisation module.
+
+    """
+
+    def __init__(
+        self,
+        layer: nn.Module | Callable[[], nn.Module],
+        num_layers: int,
+        norm: nn.Module | None = None,
+    ):
+        super().__init__()
+        if isinstance(layer, nn.Module):
+            layers = [copy.deepcopy(layer) for _ in range(num_layers)]
+        elif callable(layer):
+            layers = [layer() for _ in range(num_layers)]
+        else:
+            raise TypeError(f"layer must be an nn.Module or a callable, got {type(layer)!r}.")
+        self.layers = nn.ModuleList(layers)
+        self.num_layers = num_layers
+        self.norm = norm
+
+    def forward(
+        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Apply all layers in order.
+
+        Parameters
+        ----------
+        x
+            Input of shape ``[batch, length, d_model]``.
+        key_padding_mask
+            Boolean ``[batch, length]``, `True` at padded positions, or `None`.
+
+        Returns
+        -------
+        Tensor of shape ``[batch, length, d_model]``.
+
+        """
+        if key_padding_mask is not None and not key_padding_mask.any():
+            key_padding_mask = None
+        for layer in self.layers:
+            x = layer(x, key_padding_mask=key_padding_mask)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x
