@@ -1,1 +1,6 @@
-"""Placeholder, filled in by the owning layer."""
+"""Model classes: one scvi-tools model per foundation-model family."""
+
+from ._base import FoundationModelBase
+from ._scgpt import SCGPT
+
+__all__ = ["SCGPT", "FoundationModelBase"]
