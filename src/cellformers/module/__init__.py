@@ -1,1 +1,5 @@
-"""Placeholder, filled in by the owning layer."""
+"""Networks (scvi-tools modules), one file per model family."""
+
+from ._scgpt import SCGPTModule
+
+__all__ = ["SCGPTModule"]

@@ -1,0 +1,381 @@
+"""Reader for official scGPT checkpoint folders (``args.json``, ``vocab.json``, ``best_model.pt``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..genes import GeneVocab
+
+logger = logging.getLogger(__name__)
+
+SCGPT_FILES: tuple[str, ...] = ("args.json", "vocab.json", "best_model.pt")
+
+#: Substring renames from the flash-attn layouts to the torch ``nn.MultiheadAttention`` layout.
+_RENAMES: tuple[tuple[str, str], ...] = (
+    ("self_attn._impl.Wqkv.", "self_attn.in_proj_"),
+    ("self_attn.Wqkv.", "self_attn.in_proj_"),
+    ("self_attn._impl.out_proj.", "self_attn.out_proj."),
+)
+
+#: Keys present in published checkpoints but unused by every scGPT inference/fine-tuning path.
+#: ``flag_encoder`` is the generative-pretraining flag embedding of the dev-temp model.
+_UNUSED_KEYS: frozenset[str] = frozenset({"flag_encoder.weight"})
+
+#: args.json key -> SCGPTModule keyword.
+_ARGS_TO_MODULE: tuple[tuple[str, str], ...] = (
+    ("embsize", "d_model"),
+    ("nheads", "nhead"),
+    ("d_hid", "d_hid"),
+    ("nlayers", "nlayers"),
+    ("dropout", "dropout"),
+    ("pad_value", "pad_value"),
+    ("mask_value", "mask_value"),
+)
+
+
+@dataclass
+class ScGPTCheckpoint:
+    """Content of an official scGPT checkpoint folder.
+
+    Attributes
+    ----------
+    config
+        Architecture settings from ``args.json``, named as :class:`~cellformers.module.SCGPTModule`
+        keywords (``d_model``, ``nhead``, ``d_hid``, ``nlayers``, ``dropout``, ``pad_value``,
+        ``mask_value``, ``do_mvc``) plus the tokenisation settings ``n_bins`` and ``pad_token``.
+    vocab
+        The gene vocabulary (``vocab.json`` with missing ``<pad>``, ``<cls>``, ``<eoc>`` appended).
+    state_dict
+        Weights normalised by :func:`normalize_scgpt_state_dict`.
+    args
+        The raw ``args.json`` content.
+
+    """
+
+    config: dict[str, Any]
+    vocab: GeneVocab
+    state_dict: dict[str, torch.Tensor]
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def module_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments that build a matching :class:`~cellformers.module.SCGPTModule`.
+
+        Returns
+        -------
+        ``{"n_tokens": len(vocab), "pad_id": vocab.pad_id, **architecture}``; use as
+        ``SCGPTModule(**ckpt.module_kwargs())``.
+
+        """
+        kwargs = {k: v for k, v in self.config.items() if k not in ("n_bins", "pad_token")}
+        return {"n_tokens": len(self.vocab), "pad_id": self.vocab.pad_id, **kwargs}
+
+
+def read_scgpt_checkpoint(folder: str | os.PathLike) -> ScGPTCheckpoint:
+    """Read an official scGPT checkpoint folder.
+
+    The folder holds ``args.json`` (the pretraining arguments), ``vocab.json`` (``{gene: id}``)
+    and ``best_model.pt`` (a plain state dict). The weights are read with
+    ``torch.load(weights_only=True)``, so no pickled code is executed.
+
+    Parameters
+    ----------
+    folder
+        Path to the checkpoint folder (e.g. the unpacked ``scGPT_human``).
+
+    Returns
+    -------
+    The parsed checkpoint; build the network with ``SCGPTModule(**ckpt.module_kwargs())`` and
+    load it with :func:`load_scgpt_state_dict`.
+
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"scGPT checkpoint folder {folder} does not exist. It must hold {', '.join(SCGPT_FILES)}."
+        )
+    missing = [name for name in SCGPT_FILES if not (folder / name).is_file()]
+    if missing:
+        present = sorted(p.name for p in folder.iterdir())
+        raise FileNotFoundError(
+            f"scGPT checkpoint folder {folder} lacks {', '.join(missing)} "
+            f"(it holds: {', '.join(present) or 'nothing'}). An official folder holds "
+            f"{', '.join(SCGPT_FILES)}."
+        )
+    with (folder / "args.json").open(encoding="utf-8") as f:
+        args = json.load(f)
+    if not isinstance(args, dict):
+        raise ValueError(f"{folder / 'args.json'} must hold a JSON object of training arguments.")
+    pad_token = args.get("pad_token", "<pad>")
+    vocab = GeneVocab.from_file(folder / "vocab.json", pad_token=pad_token)
+
+    try:
+        raw = torch.load(folder / "best_model.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling refused or corrupt file
+        raise RuntimeError(
+            f"Could not read {folder / 'best_model.pt'} as a plain state dict with "
+            f"torch.load(weights_only=True): {e}"
+        ) from e
+    state_dict = normalize_scgpt_state_dict(raw, vocab=vocab)
+    config = _config_from_args(args, state_dict)
+    return ScGPTCheckpoint(config=config, vocab=vocab, state_dict=state_dict, args=args)
+
+
+def _config_from_args(args: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> dict:
+    style = args.get("input_emb_style", "continuous")
+    if style != "continuous":
+        raise ValueError(
+            f"args.json has input_emb_style={style!r}; only 'continuous' (all published scGPT "
+            "checkpoints) is supported."
+        )
+    absent = [k for k, _ in _ARGS_TO_MODULE if k not in args and k != "mask_value"]
+    if absent:
+        raise KeyError(
+            f"args.json lacks {', '.join(absent)}, needed to build the network. "
+            "Is this an official scGPT checkpoint folder?"
+        )
+    config: dict[str, Any] = {}
+    for src, dst in _ARGS_TO_MODULE:
+        if src in args:
+            config[dst] = args[src]
+    for key in ("d_model", "nhead", "d_hid", "nlayers"):
+        config[key] = int(config[key])
+    for key in ("dropout", "pad_value", "mask_value"):
+        if key in config:
+            config[key] = float(config[key])
+    has_mvc = any(k.startswith("mvc_decoder.") for k in state_dict)
+    do_mvc = bool(args.get("MVC", has_mvc))
+    if do_mvc != has_mvc:
+        logger.warning(
+            "args.json says MVC=%s but the weights %s mvc_decoder.*; following the weights.",
+            do_mvc,
+            "hold" if has_mvc else "lack",
+        )
+        do_mvc = has_mvc
+    config["do_mvc"] = do_mvc
+    config["n_bins"] = int(args.get("n_bins", 51))
+    config["pad_token"] = args.get("pad_token", "<pad>")
+    return config
+
+
+def normalize_scgpt_state_dict(
+    state_dict: Mapping[str, torch.Tensor], *, vocab: GeneVocab | int | None = None
+) -> dict[str, torch.Tensor]:
+    """Bring a scGPT state dict into the torch (``in_proj_*``) layout used by our module.
+
+    * strips a leading ``module.`` (DDP-wrapped saves);
+    * renames the flash-attn layouts ``self_attn.Wqkv.*`` and ``self_attn._impl.Wqkv.*`` to
+      ``self_attn.in_proj_*`` and ``self_attn._impl.out_proj.*`` to ``self_attn.out_proj.*``
+      (the packed QKV memory layout is identical, so this is a pure rename);
+    * drops keys known by name to be unused (``flag_encoder.weight``); nothing is dropped by shape.
+
+    Parameters
+    ----------
+    state_dict
+        Mapping from key to tensor, as saved by the official code.
+    vocab
+        The vocabulary (or its size); when given, ``encoder.embedding.weight`` must have one row
+        per token.
+
+    Returns
+    -------
+    A new dict with normalised keys (tensors are shared, not copied).
+
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            f"Expected a state dict (mapping of key to tensor), got {type(state_dict).__name__}."
+        )
+    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(
+            f"Expected a plain state dict of tensors; {len(not_tensors)} entries are not tensors "
+            f"(e.g. {not_tensors[:5]}). If the file wraps the weights (e.g. under "
+            "'model_state_dict'), pass that inner dict."
+        )
+    out: dict[str, torch.Tensor] = OrderedDict()
+    for key, value in state_dict.items():
+        new = key[len("module.") :] if key.startswith("module.") else key
+        for old, repl in _RENAMES:
+            new = new.replace(old, repl)
+        if new in _UNUSED_KEYS:
+            continue
+        if new in out:
+            raise ValueError(
+                f"Keys collide after normalisation: {key!r} maps to {new!r}, which another key "
+                "already produced (the state dict mixes attention layouts)."
+            )
+        out[new] = value
+    if vocab is not None:
+        n_tokens = vocab if isinstance(vocab, int) else len(vocab)
+        emb = out.get("encoder.embedding.weight")
+        if emb is None:
+            raise KeyError("The state dict has no 'encoder.embedding.weight'; is it a scGPT model?")
+        if emb.shape[0] != n_tokens:
+            raise ValueError(
+                f"encoder.embedding.weight has {emb.shape[0]} rows but the vocabulary has "
+                f"{n_tokens} tokens (after appending missing <pad>, <cls>, <eoc>). The "
+                "vocab.json does not belong to these weights."
+            )
+    return out
+
+
+_LAYER_RE = re.compile(r"^transformer_encoder\.layers\.(\d+)\.")
+
+_HINTS: tuple[tuple[str, str, str], ...] = (
+    # (side, key prefix, or "*substring", meaning)
+    (
+        "unexpected",
+        "*Wqkv.",
+        "flash-attn names: pass the weights through normalize_scgpt_state_dict",
+    ),
+    (
+        "unexpected",
+        "*._impl.",
+        "flash-attn names: pass the weights through normalize_scgpt_state_dict",
+    ),
+    ("unexpected", "module.", "DDP prefix: pass the weights through normalize_scgpt_state_dict"),
+    (
+        "unexpected",
+        "flag_encoder.",
+        "generative-pretraining flag embedding: normalize_scgpt_state_dict drops it",
+    ),
+    (
+        "unexpected",
+        "cls_decoder.",
+        "a fine-tuned classification head, not part of SCGPTModule: load it separately",
+    ),
+    (
+        "unexpected",
+        "mvc_decoder.",
+        "the checkpoint has an MVC decoder: build the module with do_mvc=True",
+    ),
+    (
+        "missing",
+        "mvc_decoder.",
+        "the checkpoint has no MVC decoder: build the module with do_mvc=False",
+    ),
+    (
+        "unexpected",
+        "batch_encoder.",
+        "a batch-label fine-tuned checkpoint (use_batch_labels), not supported",
+    ),
+    ("unexpected", "dsbn.", "domain-specific batch norm (integration fine-tuning), not supported"),
+    (
+        "unexpected",
+        "bn.",
+        "a BatchNorm after the embeddings (domain_spec_batchnorm='batchnorm'), not supported",
+    ),
+    (
+        "unexpected",
+        "grad_reverse_discriminator.",
+        "an adversarial batch discriminator (do_dab), not supported",
+    ),
+    (
+        "unexpected",
+        "*zero_logit",
+        "explicit zero-probability heads (explicit_zero_prob), not supported",
+    ),
+    (
+        "unexpected",
+        "pert_encoder.",
+        "a perturbation model (TransformerGenerator), not an SCGPTModule checkpoint",
+    ),
+    ("missing", "encoder.", "the weights are not a scGPT model, or were saved with another prefix"),
+)
+
+
+def _matches(key: str, pattern: str) -> bool:
+    return pattern[1:] in key if pattern.startswith("*") else key.startswith(pattern)
+
+
+def _explain(missing: list[str], unexpected: list[str], mismatched: list[str]) -> list[str]:
+    hints: list[str] = []
+
+    def add(h: str) -> None:
+        if h not in hints:
+            hints.append(h)
+
+    for side, keys in (("missing", missing), ("unexpected", unexpected)):
+        for pattern_side, pattern, meaning in _HINTS:
+            if pattern_side != side:
+                continue
+            if any(_matches(k, pattern) for k in keys):
+                add(f"{pattern.strip('*')}: {meaning}")
+        layers = {int(m.group(1)) for k in keys if (m := _LAYER_RE.match(k))}
+        if layers:
+            add(
+                f"transformer layers {sorted(layers)} are {side}: nlayers differs from the "
+                "checkpoint (use args.json 'nlayers')"
+            )
+    for item in mismatched:
+        if item.startswith("encoder.embedding.weight"):
+            add("encoder.embedding.weight: vocabulary size or d_model differs from the checkpoint")
+        elif item.startswith(("decoder.fc.0.", "mvc_decoder.W.")):
+            add(f"{item.split(':')[0]}: a batch-label (use_batch_labels) head or another d_model")
+    if mismatched and not hints:
+        add("shape mismatches: d_model / d_hid differ from the checkpoint (use args.json)")
+    return hints
+
+
+def load_scgpt_state_dict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]):
+    """Load a normalised scGPT state dict strictly.
+
+    Parameters
+    ----------
+    module
+        The network, e.g. :class:`~cellformers.module.SCGPTModule`.
+    state_dict
+        Weights from :func:`normalize_scgpt_state_dict` (or :func:`read_scgpt_checkpoint`).
+
+    Returns
+    -------
+    The module, with weights loaded.
+
+    Raises
+    ------
+    RuntimeError
+        Listing missing keys, unexpected keys and shape mismatches, with what they usually mean.
+
+    """
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs module {tuple(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        lines = [f"The scGPT weights do not match {type(module).__name__}:"]
+        if missing:
+            lines.append(
+                f"  missing keys ({len(missing)}): {', '.join(missing[:20])}"
+                + (" ..." if len(missing) > 20 else "")
+            )
+        if unexpected:
+            lines.append(
+                f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}"
+                + (" ..." if len(unexpected) > 20 else "")
+            )
+        if mismatched:
+            lines.append(
+                f"  shape mismatches ({len(mismatched)}): {'; '.join(mismatched[:20])}"
+                + (" ..." if len(mismatched) > 20 else "")
+            )
+        hints = _explain(missing, unexpected, mismatched)
+        if hints:
+            lines.append("What this usually means:")
+            lines.extend(f"  - {h}" for h in hints)
+        raise RuntimeError("\n".join(lines))
+    module.load_state_dict(state_dict, strict=True)
+    return module
