@@ -1,5 +1,16 @@
 """Gene vocabularies and gene-name matching (symbols and Ensembl IDs)."""
 
+from ._match import GeneMatch, match_genes
+from ._table import ensembl_to_symbol, gene_table, strip_ensembl_version, symbol_to_ensembl
 from ._vocab import SCGPT_SPECIALS, GeneVocab
 
-__all__ = ["SCGPT_SPECIALS", "GeneVocab"]
+__all__ = [
+    "SCGPT_SPECIALS",
+    "GeneMatch",
+    "GeneVocab",
+    "ensembl_to_symbol",
+    "gene_table",
+    "match_genes",
+    "strip_ensembl_version",
+    "symbol_to_ensembl",
+]
