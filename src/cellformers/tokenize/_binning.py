@@ -450,9 +450,11 @@ def tokenize_scgpt(
     needs_rng = tie_break == "random" or truncation == "random"
     rng = resolve_rng(rng) if needs_rng else None
 
+    if np.ndim(X) != 2:
+        raise ValueError(f"X must be a 2-D cells × genes matrix, got shape {np.shape(X)}.")
+    gene_ids = _check_gene_ids(gene_ids, np.shape(X)[1])
     src_dtype = input_dtype(X)
     X = as_csr(X)
-    gene_ids = _check_gene_ids(gene_ids, X.shape[1])
     matched = gene_ids >= 0
     Xm = _select_columns(X, matched)
     col_tokens = gene_ids[matched]
