@@ -6,7 +6,12 @@ import sys
 import warnings
 from pathlib import Path
 
-import pytest
+# GNU OpenMP's default spin-waiting makes every small multi-threaded torch op wait for a
+# scheduler tick on machines whose vCPUs are shared; sleeping threads avoid that. It must be set
+# before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
 
 TESTS = Path(__file__).parent
 SHARED_DATA = TESTS.parent.parent / "shared" / "data"

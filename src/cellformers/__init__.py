@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import data, genes, module, nn, pretrained, tokenize, train
+from . import data, genes, model, module, nn, pretrained, tokenize, train
 from ._settings import settings
 
 try:

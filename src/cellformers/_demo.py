@@ -107,8 +107,8 @@ def run_demo(outdir: str | Path = "cellformers_demo", *, minutes: float = 1.0, s
         train_size=1.0,
     )
     train_seconds = time.perf_counter() - start
-    epochs = len(model.history["train_loss_epoch"])
-    loss = model.history["train_loss_epoch"].astype(float).to_numpy().ravel()
+    epochs = len(model.history["train_loss"])
+    loss = model.history["train_loss"].astype(float).to_numpy().ravel()
     print(f"Pretrained {epochs} epochs in {train_seconds:.0f} s; loss {loss[0]:.3f} -> {loss[-1]:.3f}")
 
     adata.obsm["X_scgpt"] = model.get_latent_representation()

@@ -267,7 +267,7 @@ class SCGPT(FoundationModelBase):
             Other constructor arguments (e.g. ``include_zero_gene``).
         """
         ckpt = read_scgpt_checkpoint(path)
-        config = dict(ckpt.config)
+        config = {k: v for k, v in ckpt.config.items() if k != "pad_token"}  # the vocab has it
         if max_seq_len is not None:
             config["max_seq_len"] = max_seq_len
         config.update(kwargs)
