@@ -124,7 +124,44 @@ def test_encoder_matches_torch(train):
     mask = _padding_mask([8, 6, 3, 1], 8)
     with _no_fastpath():
         expected = ref(x, src_key_padding_mask=mask)
-    torch.testing.assert_close(ours(x, key_padding_mask=mask), expected, atol=1e-6, rtol=0)
+    got = ours(x, key_padding_mask=mask)
+    # real tokens match; padded positions are zero (as in torch's fast path)
+    torch.testing.assert_close(got[~mask], expected[~mask], atol=1e-6, rtol=0)
+    assert got[mask].abs().max() == 0
+    torch.testing.assert_close(ours(x), ref(x), atol=1e-6, rtol=0)
+    # only the first position, last layer computing just that query
+    first = ours(x, key_padding_mask=mask, n_queries=1)
+    assert first.shape == (4, 1, D)
+    torch.testing.assert_close(first[:, 0], expected[:, 0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_layer_n_queries_and_packed(norm_first):
+    _, ours = _pair(norm_first=norm_first)
+    ours.eval()
+    x = torch.randn(3, 9, D)
+    mask = _padding_mask([9, 5, 3], 9)
+    full = ours(x, key_padding_mask=mask)
+    torch.testing.assert_close(ours(x, key_padding_mask=mask, n_queries=2), full[:, :2])
+    index = (~mask).reshape(-1).nonzero().squeeze(1)
+    packed = ours.forward_packed(x.reshape(-1, D)[index], index, mask)
+    torch.testing.assert_close(packed, full[~mask], atol=1e-6, rtol=0)
+
+
+def test_encoder_gradients_through_packing():
+    torch.manual_seed(0)
+    ref = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(D, H, HID, 0.0, batch_first=True), 2, enable_nested_tensor=False
+    )
+    ours = TransformerEncoder(TransformerEncoderLayer(D, H, HID, 0.0), 2)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 7, D)
+    mask = _padding_mask([7, 4, 2], 7)
+    ref(x, src_key_padding_mask=mask)[~mask].pow(2).sum().backward()
+    ours(x, key_padding_mask=mask)[~mask].pow(2).sum().backward()
+    ref_grads = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[name].grad, atol=1e-5, rtol=1e-5)
 
 
 def test_encoder_layer_factory_gives_independent_layers():

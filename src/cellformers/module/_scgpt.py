@@ -144,7 +144,8 @@ class SCGPTModule(BaseModuleClass):
 
         Returns
         -------
-        Tensor of shape ``[batch, length, d_model]``.
+        Tensor of shape ``[batch, length, d_model]``; padded positions are zero (as in torch's
+        fast path and flash attention; the official non-fast CPU path leaves values there).
 
         """
         return self._encode(genes, values, padding_mask)[0]
@@ -154,6 +155,7 @@ class SCGPTModule(BaseModuleClass):
         genes: torch.Tensor,
         values: torch.Tensor,
         padding_mask: torch.Tensor | None,
+        n_queries: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if genes.shape != values.shape or genes.dim() != 2:
             raise ValueError(
@@ -164,7 +166,7 @@ class SCGPTModule(BaseModuleClass):
             padding_mask = genes == self.pad_id
         gene_embs = self.encoder(genes)
         total = gene_embs + self.value_encoder(self._values(values))
-        hidden = self.transformer_encoder(total, key_padding_mask=padding_mask)
+        hidden = self.transformer_encoder(total, key_padding_mask=padding_mask, n_queries=n_queries)
         return hidden, gene_embs
 
     def cell_embedding(
@@ -189,7 +191,8 @@ class SCGPTModule(BaseModuleClass):
         Tensor of shape ``[batch, d_model]``.
 
         """
-        return self.encode(genes, values, padding_mask)[:, 0, :]
+        # the last layer computes only the <cls> query
+        return self._encode(genes, values, padding_mask, n_queries=1)[0][:, 0, :]
 
     # ------------------------------------------------------------------ masking
     def random_mask(

@@ -57,7 +57,11 @@ class MultiheadSelfAttention(nn.Module):
             nn.init.zeros_(self.out_proj.bias)
 
     def forward(
-        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        *,
+        n_queries: int | None = None,
     ) -> torch.Tensor:
         """Attend every position to every non-padded position of the same sequence.
 
@@ -68,17 +72,74 @@ class MultiheadSelfAttention(nn.Module):
         key_padding_mask
             Boolean tensor of shape ``[batch, length]``, `True` at padded positions (which are
             not attended to), or `None` for no padding.
+        n_queries
+            Compute the output only for the first ``n_queries`` positions (keys and values
+            still cover the whole sequence); e.g. ``1`` for a ``<cls>`` token at position 0.
 
         Returns
         -------
-        Tensor of shape ``[batch, length, d_model]``.
+        Tensor of shape ``[batch, length, d_model]`` (``[batch, n_queries, d_model]`` with
+        ``n_queries``).
 
         """
         batch, length, _ = x.shape
+        d, h, hd = self.d_model, self.nhead, self.head_dim
+        w, b = self.in_proj_weight, self.in_proj_bias
+        if n_queries is None:
+            qkv = F.linear(x, w, b)
+            # [B, L, 3, H, Dh] -> [3, B, H, L, Dh]
+            q, k, v = qkv.view(batch, length, 3, h, hd).permute(2, 0, 3, 1, 4).unbind(0)
+            n_out = length
+        else:
+            n_out = n_queries
+            q = F.linear(x[:, :n_queries], w[:d], None if b is None else b[:d])
+            q = q.view(batch, n_queries, h, hd).transpose(1, 2)
+            kv = F.linear(x, w[d:], None if b is None else b[d:])
+            k, v = kv.view(batch, length, 2, h, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        out = self._attend(q, k, v, key_padding_mask)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, n_out, d))
+
+    def forward_packed(
+        self,
+        x: torch.Tensor,
+        index: torch.Tensor,
+        key_padding_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Self-attention on tokens packed without padding.
+
+        The projections run on the real tokens only; the attention itself runs on the padded
+        layout.
+
+        Parameters
+        ----------
+        x
+            Real tokens, shape ``[n_tokens, d_model]``.
+        index
+            Position of each real token in the flattened ``[batch * length]`` layout.
+        key_padding_mask
+            Boolean ``[batch, length]``, `True` at padded positions.
+
+        Returns
+        -------
+        Tensor of shape ``[n_tokens, d_model]``.
+
+        """
+        batch, length = key_padding_mask.shape
+        d, h, hd = self.d_model, self.nhead, self.head_dim
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        # [B, L, 3, H, Dh] -> [3, B, H, L, Dh]
-        qkv = qkv.view(batch, length, 3, self.nhead, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        full = qkv.new_zeros(batch * length, 3 * d).index_copy(0, index, qkv)
+        q, k, v = full.view(batch, length, 3, h, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        out = self._attend(q, k, v, key_padding_mask)
+        out = out.transpose(1, 2).reshape(batch * length, d).index_select(0, index)
+        return self.out_proj(out)
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         attn_mask = None
         if key_padding_mask is not None:
             if key_padding_mask.dtype != torch.bool:
@@ -88,8 +149,6 @@ class MultiheadSelfAttention(nn.Module):
             if key_padding_mask.any():
                 # sdpa's bool mask means "may attend"; broadcast over heads and queries.
                 attn_mask = ~key_padding_mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(
+        return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
         )
-        out = out.transpose(1, 2).reshape(batch, length, self.d_model)
-        return self.out_proj(out)

@@ -70,14 +70,27 @@ class TransformerEncoderLayer(nn.Module):
         self.activation_name = activation
         self.activation = _ACTIVATIONS[activation]
 
-    def _sa_block(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-        return self.dropout1(self.self_attn(x, key_padding_mask=key_padding_mask))
-
     def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
 
+    def _block(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        attend: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        if self.norm_first:
+            x = residual + self.dropout1(attend(self.norm1(x)))
+            return x + self._ff_block(self.norm2(x))
+        x = self.norm1(residual + self.dropout1(attend(x)))
+        return self.norm2(x + self._ff_block(x))
+
     def forward(
-        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        *,
+        n_queries: int | None = None,
     ) -> torch.Tensor:
         """Apply the block.
 
@@ -87,19 +100,49 @@ class TransformerEncoderLayer(nn.Module):
             Input of shape ``[batch, length, d_model]``.
         key_padding_mask
             Boolean ``[batch, length]``, `True` at padded positions, or `None`.
+        n_queries
+            Compute the output only for the first ``n_queries`` positions (all positions are
+            still attended to).
 
         Returns
         -------
-        Tensor of shape ``[batch, length, d_model]``.
+        Tensor of shape ``[batch, length, d_model]`` (``[batch, n_queries, d_model]`` with
+        ``n_queries``).
 
         """
-        if self.norm_first:
-            x = x + self._sa_block(self.norm1(x), key_padding_mask)
-            x = x + self._ff_block(self.norm2(x))
-        else:
-            x = self.norm1(x + self._sa_block(x, key_padding_mask))
-            x = self.norm2(x + self._ff_block(x))
-        return x
+        residual = x if n_queries is None else x[:, :n_queries]
+        return self._block(
+            x,
+            residual,
+            lambda h: self.self_attn(h, key_padding_mask=key_padding_mask, n_queries=n_queries),
+        )
+
+    def forward_packed(
+        self, x: torch.Tensor, index: torch.Tensor, key_padding_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Apply the block to real tokens packed without padding.
+
+        All per-token operations (projections, feed-forward, norms) run on the real tokens
+        only, which saves the work on padding; the results for real tokens equal
+        :meth:`forward`'s.
+
+        Parameters
+        ----------
+        x
+            Real tokens, shape ``[n_tokens, d_model]``.
+        index
+            Position of each real token in the flattened ``[batch * length]`` layout.
+        key_padding_mask
+            Boolean ``[batch, length]``, `True` at padded positions.
+
+        Returns
+        -------
+        Tensor of shape ``[n_tokens, d_model]``.
+
+        """
+        return self._block(
+            x, x, lambda h: self.self_attn.forward_packed(h, index, key_padding_mask)
+        )
 
 
 class TransformerEncoder(nn.Module):
@@ -136,9 +179,17 @@ class TransformerEncoder(nn.Module):
         self.norm = norm
 
     def forward(
-        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        *,
+        n_queries: int | None = None,
     ) -> torch.Tensor:
         """Apply all layers in order.
+
+        With padding, per-token work runs on the real tokens only and padded positions of the
+        output are zero (as in torch's fast path and flash attention); real positions are
+        unaffected by padding.
 
         Parameters
         ----------
@@ -146,16 +197,42 @@ class TransformerEncoder(nn.Module):
             Input of shape ``[batch, length, d_model]``.
         key_padding_mask
             Boolean ``[batch, length]``, `True` at padded positions, or `None`.
+        n_queries
+            Return only the first ``n_queries`` positions; the last layer then computes only
+            those (e.g. ``1`` for the ``<cls>`` embedding).
 
         Returns
         -------
-        Tensor of shape ``[batch, length, d_model]``.
+        Tensor of shape ``[batch, length, d_model]`` (``[batch, n_queries, d_model]`` with
+        ``n_queries``).
 
         """
-        if key_padding_mask is not None and not key_padding_mask.any():
-            key_padding_mask = None
-        for layer in self.layers:
-            x = layer(x, key_padding_mask=key_padding_mask)
+        if key_padding_mask is not None:
+            if key_padding_mask.dtype != torch.bool:
+                raise TypeError(
+                    f"key_padding_mask must be a bool tensor (True = padding), got {key_padding_mask.dtype}."
+                )
+            if not key_padding_mask.any():
+                key_padding_mask = None
+        layers = list(self.layers)
+        last = layers.pop() if n_queries is not None and layers else None
+        packable = key_padding_mask is not None and all(
+            isinstance(layer, TransformerEncoderLayer) for layer in layers
+        )
+        if packable and layers:
+            batch, length, d = x.shape
+            index = (~key_padding_mask).reshape(-1).nonzero().squeeze(1)
+            h = x.reshape(batch * length, d).index_select(0, index)
+            for layer in layers:
+                h = layer.forward_packed(h, index, key_padding_mask)
+            x = h.new_zeros(batch * length, d).index_copy(0, index, h).view(batch, length, d)
+        else:
+            for layer in layers:
+                x = layer(x, key_padding_mask=key_padding_mask)
+        if last is not None:
+            x = last(x, key_padding_mask=key_padding_mask, n_queries=n_queries)
+        elif n_queries is not None:
+            x = x[:, :n_queries]
         if self.norm is not None:
             x = self.norm(x)
         return x
