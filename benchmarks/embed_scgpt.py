@@ -40,6 +40,10 @@ D_MODEL, NHEAD, NLAYERS, MAX_LEN, BATCH = 512, 8, 12, 1200, 32
 # Both implementations run under the same OpenMP setting; sleeping (not spinning) idle threads
 # avoid per-op stalls on machines with shared vCPUs.
 ENV = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+# The small real datasets sit in ../shared/data beside a checkout; CELLFORMERS_DATA overrides.
+if "CELLFORMERS_DATA" not in ENV and (ROOT.parent / "shared" / "data").is_dir():
+    ENV["CELLFORMERS_DATA"] = str(ROOT.parent / "shared" / "data")
+os.environ.update(ENV)
 
 
 def _rss_mb() -> float:
@@ -68,18 +72,42 @@ def write_checkpoint(folder: Path, genes: list[str]) -> None:
         vocab[special] = len(vocab)
     torch.manual_seed(0)
     model = TransformerModel(
-        ntoken=len(vocab), d_model=D_MODEL, nhead=NHEAD, d_hid=D_MODEL, nlayers=NLAYERS,
-        nlayers_cls=3, n_cls=1, vocab=vocab, dropout=0.2, pad_token="<pad>", pad_value=-2,
-        do_mvc=True, use_fast_transformer=False,
+        ntoken=len(vocab),
+        d_model=D_MODEL,
+        nhead=NHEAD,
+        d_hid=D_MODEL,
+        nlayers=NLAYERS,
+        nlayers_cls=3,
+        n_cls=1,
+        vocab=vocab,
+        dropout=0.2,
+        pad_token="<pad>",
+        pad_value=-2,
+        do_mvc=True,
+        use_fast_transformer=False,
     )
-    state = {k.replace("self_attn.in_proj_", "self_attn.Wqkv."): v for k, v in model.state_dict().items()
-             if not k.startswith("cls_decoder.")}  # as in the published whole-human file
+    state = {
+        k.replace("self_attn.in_proj_", "self_attn.Wqkv."): v
+        for k, v in model.state_dict().items()
+        if not k.startswith("cls_decoder.")
+    }  # as in the published whole-human file
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(state, folder / "best_model.pt")
     (folder / "vocab.json").write_text(json.dumps(vocab))
-    args = {"embsize": D_MODEL, "nheads": NHEAD, "d_hid": D_MODEL, "nlayers": NLAYERS,
-            "n_layers_cls": 3, "dropout": 0.2, "pad_token": "<pad>", "pad_value": -2,
-            "mask_value": -1, "n_bins": 51, "max_seq_len": MAX_LEN, "MVC": True}
+    args = {
+        "embsize": D_MODEL,
+        "nheads": NHEAD,
+        "d_hid": D_MODEL,
+        "nlayers": NLAYERS,
+        "n_layers_cls": 3,
+        "dropout": 0.2,
+        "pad_token": "<pad>",
+        "pad_value": -2,
+        "mask_value": -1,
+        "n_bins": 51,
+        "max_seq_len": MAX_LEN,
+        "MVC": True,
+    }
     (folder / "args.json").write_text(json.dumps(args))
 
 
@@ -89,15 +117,28 @@ def _official_model(folder: Path):
 
     vocab = json.loads((folder / "vocab.json").read_text())
     model = TransformerModel(
-        ntoken=len(vocab), d_model=D_MODEL, nhead=NHEAD, d_hid=D_MODEL, nlayers=NLAYERS,
-        nlayers_cls=3, n_cls=1, vocab=vocab, dropout=0.2, pad_token="<pad>", pad_value=-2,
-        do_mvc=True, use_fast_transformer=False,
+        ntoken=len(vocab),
+        d_model=D_MODEL,
+        nhead=NHEAD,
+        d_hid=D_MODEL,
+        nlayers=NLAYERS,
+        nlayers_cls=3,
+        n_cls=1,
+        vocab=vocab,
+        dropout=0.2,
+        pad_token="<pad>",
+        pad_value=-2,
+        do_mvc=True,
+        use_fast_transformer=False,
     )
     state = torch.load(folder / "best_model.pt", weights_only=True)
     state = {k.replace("self_attn.Wqkv.", "self_attn.in_proj_"): v for k, v in state.items()}
     state.pop("flag_encoder.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all(k.startswith("cls_decoder.") for k in missing), (missing, unexpected)
+    assert not unexpected and all(k.startswith("cls_decoder.") for k in missing), (
+        missing,
+        unexpected,
+    )
     return model.eval(), vocab
 
 
@@ -130,24 +171,44 @@ def run_one(which: str, dataset: str, folder: Path, out: Path) -> None:
             from scgpt.tasks.cell_emb import get_batch_cell_embeddings
 
             configs = {"pad_token": "<pad>", "pad_value": -2, "embsize": D_MODEL}
-            get_batch_cell_embeddings(matched[:8], model=model, vocab=vocab, max_length=MAX_LEN,
-                                      batch_size=BATCH, model_configs=configs, gene_ids=gene_ids)
+            get_batch_cell_embeddings(
+                matched[:8],
+                model=model,
+                vocab=vocab,
+                max_length=MAX_LEN,
+                batch_size=BATCH,
+                model_configs=configs,
+                gene_ids=gene_ids,
+            )
             start = time.perf_counter()
-            emb = get_batch_cell_embeddings(matched, model=model, vocab=vocab, max_length=MAX_LEN,
-                                            batch_size=BATCH, model_configs=configs, gene_ids=gene_ids)
+            emb = get_batch_cell_embeddings(
+                matched,
+                model=model,
+                vocab=vocab,
+                max_length=MAX_LEN,
+                batch_size=BATCH,
+                model_configs=configs,
+                gene_ids=gene_ids,
+            )
             seconds = time.perf_counter() - start
         else:  # official forward on our tokens, in data order, padded per batch
             import cellformers as cf
 
             X = matched.X.tocsr()
-            tokens = cf.tokenize.tokenize_scgpt(X, gene_ids, cls_id=vocab["<cls>"], pad_id=vocab["<pad>"])
+            tokens = cf.tokenize.tokenize_scgpt(
+                X, gene_ids, cls_id=vocab["<cls>"], pad_id=vocab["<pad>"]
+            )
             lengths_all = tokens.lengths
-            batches = [np.arange(i, min(i + BATCH, X.shape[0])) for i in range(0, X.shape[0], BATCH)]
+            batches = [
+                np.arange(i, min(i + BATCH, X.shape[0])) for i in range(0, X.shape[0], BATCH)
+            ]
+
             def forward(idx):
                 L = int(lengths_all[idx].max())
                 g = torch.as_tensor(tokens.genes[idx, :L])
                 v = torch.as_tensor(tokens.values[idx, :L])
                 return model._encode(g, v, src_key_padding_mask=g.eq(vocab["<pad>"]))[:, 0]
+
             with torch.no_grad():
                 forward(batches[0][:8])
                 start = time.perf_counter()
@@ -156,7 +217,10 @@ def run_one(which: str, dataset: str, folder: Path, out: Path) -> None:
             emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
         lengths = None
     record = {
-        "which": which, "dataset": dataset, "n_cells": adata.n_obs, "seconds": seconds,
+        "which": which,
+        "dataset": dataset,
+        "n_cells": adata.n_obs,
+        "seconds": seconds,
         "peak_rss_mb": _rss_mb() - base_rss,
         "lengths": None if lengths is None else lengths.tolist(),
     }
@@ -187,7 +251,9 @@ def model_flops(lengths: np.ndarray) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=["pbmc68k", "cellbench"])
-    parser.add_argument("--_one", nargs=3, metavar=("WHICH", "DATASET", "FOLDER"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--_one", nargs=3, metavar=("WHICH", "DATASET", "FOLDER"), help=argparse.SUPPRESS
+    )
     parser.add_argument("--_out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._one:
@@ -207,8 +273,20 @@ def main() -> None:
             records = {}
             for which in ("cellformers", "official-pipeline", "official-forward"):
                 out = tmp / f"{dataset}_{which}.json"
-                subprocess.run([sys.executable, __file__, "--_one", which, dataset, str(folder), "--_out", str(out)],
-                               check=True, env=ENV)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--_one",
+                        which,
+                        dataset,
+                        str(folder),
+                        "--_out",
+                        str(out),
+                    ],
+                    check=True,
+                    env=ENV,
+                )
                 records[which] = json.loads(out.read_text())
                 records[which]["emb"] = np.load(out.with_suffix(".npy"))
             lengths = np.asarray(records["cellformers"]["lengths"])
@@ -217,14 +295,16 @@ def main() -> None:
             diff_pipe = float(np.abs(ours["emb"] - records["official-pipeline"]["emb"]).max())
             diff_fwd = float(np.abs(ours["emb"] - records["official-forward"]["emb"]).max())
             for which, rec in records.items():
-                rows.append({
-                    "dataset": f"{dataset} ({rec['n_cells']} cells, median {int(np.median(lengths))} tokens)",
-                    "implementation": which,
-                    "cells/s": rec["n_cells"] / rec["seconds"],
-                    "speed-up of cellformers": rec["seconds"] / ours["seconds"],
-                    "peak RSS above baseline (MB)": rec["peak_rss_mb"],
-                    "% of matmul FLOP/s": 100 * flops / rec["seconds"] / flops_peak,
-                })
+                rows.append(
+                    {
+                        "dataset": f"{dataset} ({rec['n_cells']} cells, median {int(np.median(lengths))} tokens)",
+                        "implementation": which,
+                        "cells/s": rec["n_cells"] / rec["seconds"],
+                        "speed-up of cellformers": rec["seconds"] / ours["seconds"],
+                        "peak RSS above baseline (MB)": rec["peak_rss_mb"],
+                        "% of matmul FLOP/s": 100 * flops / rec["seconds"] / flops_peak,
+                    }
+                )
             rows[-3]["max |Δ| vs official"] = f"pipeline {diff_pipe:.1e}, forward {diff_fwd:.1e}"
 
     lines = [

@@ -11,7 +11,7 @@ from pathlib import Path
 # before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import pytest  # noqa: E402
+import pytest
 
 TESTS = Path(__file__).parent
 SHARED_DATA = TESTS.parent.parent / "shared" / "data"
@@ -38,7 +38,9 @@ def cellbench_path():
     from cellformers.data import is_available
 
     if not is_available("cellbench_2platform"):
-        pytest.skip("cellbench_2platform.h5ad not found: set CELLFORMERS_DATA to the shared data folder")
+        pytest.skip(
+            "cellbench_2platform.h5ad not found: set CELLFORMERS_DATA to the shared data folder"
+        )
     from cellformers.data import fetch_file
 
     return fetch_file("cellbench_2platform")

@@ -35,8 +35,12 @@ def trained():
 def _counts(n_cells=20, n_genes=30, seed=0):
     rng = np.random.default_rng(seed)
     X = rng.poisson(1.0, size=(n_cells, n_genes)).astype(np.float32)
-    obs = pd.DataFrame({"ct": rng.choice(["a", "b"], n_cells)}, index=[f"c{i}" for i in range(n_cells)])
-    return ad.AnnData(sp.csr_matrix(X), obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(n_genes)]))
+    obs = pd.DataFrame(
+        {"ct": rng.choice(["a", "b"], n_cells)}, index=[f"c{i}" for i in range(n_cells)]
+    )
+    return ad.AnnData(
+        sp.csr_matrix(X), obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(n_genes)])
+    )
 
 
 @pytest.mark.parametrize(
@@ -114,9 +118,13 @@ def test_train_and_embed(trained, pbmc):
 def test_embedding_invariant_to_batch_size_and_order(trained, pbmc):
     z = trained.get_latent_representation(batch_size=64)
     for batch_size in (1, 7, 700):
-        np.testing.assert_allclose(trained.get_latent_representation(batch_size=batch_size), z, atol=1e-5)
+        np.testing.assert_allclose(
+            trained.get_latent_representation(batch_size=batch_size), z, atol=1e-5
+        )
     perm = np.random.default_rng(1).permutation(pbmc.n_obs)
-    np.testing.assert_allclose(trained.get_latent_representation(indices=perm, batch_size=13), z[perm], atol=1e-5)
+    np.testing.assert_allclose(
+        trained.get_latent_representation(indices=perm, batch_size=13), z[perm], atol=1e-5
+    )
     mask = np.zeros(pbmc.n_obs, dtype=bool)
     mask[::3] = True
     np.testing.assert_allclose(trained.get_latent_representation(indices=mask), z[mask], atol=1e-5)
@@ -127,8 +135,14 @@ def test_truncated_cells_are_batch_invariant(pbmc):
     model = SCGPT(pbmc, **{**SMALL, "max_seq_len": 16})  # every cell is truncated
     model.is_trained_ = True
     z = model.get_latent_representation(batch_size=50)
-    np.testing.assert_allclose(model.get_latent_representation(indices=[5], batch_size=1)[0], z[5], atol=1e-5)
-    np.testing.assert_allclose(model.get_latent_representation(indices=np.arange(700)[::-1], batch_size=9), z[::-1], atol=1e-5)
+    np.testing.assert_allclose(
+        model.get_latent_representation(indices=[5], batch_size=1)[0], z[5], atol=1e-5
+    )
+    np.testing.assert_allclose(
+        model.get_latent_representation(indices=np.arange(700)[::-1], batch_size=9),
+        z[::-1],
+        atol=1e-5,
+    )
 
 
 def test_untrained_model_refuses_to_embed(pbmc):
@@ -150,7 +164,11 @@ def test_save_load_round_trip(trained, pbmc, tmp_path):
 
 
 def _with_genes(adata, X, var_names):
-    query = ad.AnnData(sp.csr_matrix(X, dtype=np.float32), obs=adata.obs[["bulk_labels"]].copy(), var=pd.DataFrame(index=var_names))
+    query = ad.AnnData(
+        sp.csr_matrix(X, dtype=np.float32),
+        obs=adata.obs[["bulk_labels"]].copy(),
+        var=pd.DataFrame(index=var_names),
+    )
     query.layers["counts"] = query.X.copy()
     return query
 
@@ -159,14 +177,20 @@ def test_query_with_other_genes(trained, pbmc):
     z = trained.get_latent_representation()
     counts = pbmc.layers["counts"].toarray()
     # a query with a subset of the genes plus unknown ones embeds without any setup call
-    query = _with_genes(pbmc, np.hstack([counts[:, :600], np.ones((pbmc.n_obs, 5))]),
-                        list(pbmc.var_names[:600]) + [f"NEW{i}" for i in range(5)])
+    query = _with_genes(
+        pbmc,
+        np.hstack([counts[:, :600], np.ones((pbmc.n_obs, 5))]),
+        list(pbmc.var_names[:600]) + [f"NEW{i}" for i in range(5)],
+    )
     zq = trained.get_latent_representation(query, batch_size=32)
     assert zq.shape == z.shape and np.isfinite(zq).all()
     # unknown genes and gene order change nothing
     rev = np.arange(pbmc.n_vars)[::-1]
-    same = _with_genes(pbmc, np.hstack([counts[:, rev], np.full((pbmc.n_obs, 2), 7.0)]),
-                       list(pbmc.var_names[rev]) + ["UNKNOWN1", "UNKNOWN2"])
+    same = _with_genes(
+        pbmc,
+        np.hstack([counts[:, rev], np.full((pbmc.n_obs, 2), 7.0)]),
+        list(pbmc.var_names[rev]) + ["UNKNOWN1", "UNKNOWN2"],
+    )
     np.testing.assert_allclose(trained.get_latent_representation(same), z, atol=1e-5)
     assert "_scvi_uuid" in same.uns  # registered with the model's setup arguments
 
@@ -195,23 +219,54 @@ def _official_folder(official_scgpt, tmp_path, genes, *, d_model=32, nhead=4, nl
         vocab[special] = len(vocab)
     torch.manual_seed(seed)
     official = TransformerModel(
-        ntoken=len(vocab), d_model=d_model, nhead=nhead, d_hid=d_model, nlayers=nlayers,
-        nlayers_cls=3, n_cls=1, vocab=vocab, dropout=0.2, pad_token="<pad>", pad_value=-2,
-        do_mvc=True, do_dab=False, use_batch_labels=False, domain_spec_batchnorm=False,
-        explicit_zero_prob=False, use_fast_transformer=False, pre_norm=False,
+        ntoken=len(vocab),
+        d_model=d_model,
+        nhead=nhead,
+        d_hid=d_model,
+        nlayers=nlayers,
+        nlayers_cls=3,
+        n_cls=1,
+        vocab=vocab,
+        dropout=0.2,
+        pad_token="<pad>",
+        pad_value=-2,
+        do_mvc=True,
+        do_dab=False,
+        use_batch_labels=False,
+        domain_spec_batchnorm=False,
+        explicit_zero_prob=False,
+        use_fast_transformer=False,
+        pre_norm=False,
     ).eval()
     # the published whole-human file has no cls_decoder (0.2.4 builds one even with n_cls=1)
-    state = {k.replace("self_attn.in_proj_", "self_attn.Wqkv."): v for k, v in official.state_dict().items()
-             if not k.startswith("cls_decoder.")}
+    state = {
+        k.replace("self_attn.in_proj_", "self_attn.Wqkv."): v
+        for k, v in official.state_dict().items()
+        if not k.startswith("cls_decoder.")
+    }
     state["flag_encoder.weight"] = torch.randn(2, d_model)
     folder = tmp_path / "scGPT_test"
     folder.mkdir()
     torch.save(state, folder / "best_model.pt")
-    shuffled = dict(sorted(vocab.items(), key=lambda kv: kv[0]))  # key order is arbitrary in the real file
+    shuffled = dict(
+        sorted(vocab.items(), key=lambda kv: kv[0])
+    )  # key order is arbitrary in the real file
     (folder / "vocab.json").write_text(json.dumps(shuffled))
-    args = {"embsize": d_model, "nheads": nhead, "d_hid": d_model, "nlayers": nlayers, "n_layers_cls": 3,
-            "dropout": 0.2, "pad_token": "<pad>", "pad_value": -2, "mask_value": -1, "n_bins": 51,
-            "max_seq_len": 1200, "MVC": True, "input_emb_style": "continuous"}
+    args = {
+        "embsize": d_model,
+        "nheads": nhead,
+        "d_hid": d_model,
+        "nlayers": nlayers,
+        "n_layers_cls": 3,
+        "dropout": 0.2,
+        "pad_token": "<pad>",
+        "pad_value": -2,
+        "mask_value": -1,
+        "n_bins": 51,
+        "max_seq_len": 1200,
+        "MVC": True,
+        "input_emb_style": "continuous",
+    }
     (folder / "args.json").write_text(json.dumps(args))
     return folder, official, vocab
 
@@ -238,8 +293,13 @@ def test_from_pretrained_matches_official_embeddings(official_scgpt, cellbench, 
     # the official pipeline embeds only the genes in the vocabulary
     matched = adata[:, adata.var_names.isin(vocab)].copy()
     expected = get_batch_cell_embeddings(
-        matched, cell_embedding_mode="cls", model=official, vocab=vocab, max_length=1200,
-        batch_size=16, model_configs={"pad_token": "<pad>", "pad_value": -2, "embsize": 32},
+        matched,
+        cell_embedding_mode="cls",
+        model=official,
+        vocab=vocab,
+        max_length=1200,
+        batch_size=16,
+        model_configs={"pad_token": "<pad>", "pad_value": -2, "embsize": 32},
         gene_ids=np.array([vocab[g] for g in matched.var_names]),
     )
     SCGPT.setup_anndata(adata)

@@ -29,6 +29,7 @@ def knn_label_transfer(
         Fraction of cells held out as the query.
     seed
         Seed of the split.
+
     """
     from sklearn.metrics import accuracy_score, f1_score
     from sklearn.model_selection import train_test_split
@@ -57,7 +58,9 @@ def pca_baseline(adata: AnnData, *, layer: str = "counts", n_comps: int = 50) ->
     return tmp.obsm["X_pca"]
 
 
-def run_demo(outdir: str | Path = "cellformers_demo", *, minutes: float = 1.0, seed: int = 0) -> dict:
+def run_demo(
+    outdir: str | Path = "cellformers_demo", *, minutes: float = 1.0, seed: int = 0
+) -> dict:
     """Pretrain a small scGPT-architecture model on scanpy's PBMC data and evaluate it.
 
     Steps: recover integer counts of ``pbmc68k_reduced``, pretrain (masked value prediction +
@@ -76,6 +79,7 @@ def run_demo(outdir: str | Path = "cellformers_demo", *, minutes: float = 1.0, s
     Returns
     -------
     Dict with the metrics and the path of the image.
+
     """
     import matplotlib
 
@@ -92,7 +96,9 @@ def run_demo(outdir: str | Path = "cellformers_demo", *, minutes: float = 1.0, s
     outdir.mkdir(parents=True, exist_ok=True)
 
     adata = pbmc68k_reduced_counts()
-    print(f"Data: scanpy pbmc68k_reduced, {adata.n_obs} cells x {adata.n_vars} genes (counts recovered from .raw)")
+    print(
+        f"Data: scanpy pbmc68k_reduced, {adata.n_obs} cells x {adata.n_vars} genes (counts recovered from .raw)"
+    )
     SCGPT.setup_anndata(adata, layer="counts", labels_key="bulk_labels")
     model = SCGPT(adata, d_model=128, nhead=4, d_hid=256, nlayers=3, dropout=0.1, max_seq_len=512)
     print(model)
@@ -109,12 +115,20 @@ def run_demo(outdir: str | Path = "cellformers_demo", *, minutes: float = 1.0, s
     train_seconds = time.perf_counter() - start
     epochs = len(model.history["train_loss"])
     loss = model.history["train_loss"].astype(float).to_numpy().ravel()
-    print(f"Pretrained {epochs} epochs in {train_seconds:.0f} s; loss {loss[0]:.3f} -> {loss[-1]:.3f}")
+    print(
+        f"Pretrained {epochs} epochs in {train_seconds:.0f} s; loss {loss[0]:.3f} -> {loss[-1]:.3f}"
+    )
 
     adata.obsm["X_scgpt"] = model.get_latent_representation()
     sc.pp.neighbors(adata, use_rep="X_scgpt", random_state=seed)
     sc.tl.umap(adata, random_state=seed)
-    fig = sc.pl.umap(adata, color="bulk_labels", return_fig=True, show=False, title="scGPT (pretrained here) embedding")
+    fig = sc.pl.umap(
+        adata,
+        color="bulk_labels",
+        return_fig=True,
+        show=False,
+        title="scGPT (pretrained here) embedding",
+    )
     path = outdir / "umap_scgpt_pbmc68k.png"
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -126,4 +140,10 @@ def run_demo(outdir: str | Path = "cellformers_demo", *, minutes: float = 1.0, s
     print(f"  scGPT embedding: accuracy {ours['accuracy']:.3f}, macro-F1 {ours['macro_f1']:.3f}")
     print(f"  PCA (50 PCs)   : accuracy {pca['accuracy']:.3f}, macro-F1 {pca['macro_f1']:.3f}")
     print(f"UMAP saved to {path}")
-    return {"scgpt": ours, "pca": pca, "umap": str(path), "epochs": epochs, "train_seconds": train_seconds}
+    return {
+        "scgpt": ours,
+        "pca": pca,
+        "umap": str(path),
+        "epochs": epochs,
+        "train_seconds": train_seconds,
+    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -18,6 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--minutes", type=float, default=1.0, help="training time budget")
     demo.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+
+    if argv is None and "OMP_WAIT_POLICY" not in os.environ:
+        # OpenMP reads this once, when torch loads: restart with idle threads sleeping instead of
+        # spinning, which avoids per-operation stalls on machines with shared vCPUs.
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.execv(sys.executable, [sys.executable, "-m", "cellformers.cli", *sys.argv[1:]])
 
     if args.command == "demo":
         if args.minutes <= 0:

@@ -25,6 +25,7 @@ def length_bucketed_batches(lengths: np.ndarray, batch_size: int) -> list[np.nda
     Returns
     -------
     Index arrays into ``lengths``, one per batch; together they cover every cell once.
+
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
@@ -61,6 +62,7 @@ class TokenizingCollator:
         Maps a CSR matrix of cells × genes to a dict of arrays with one row per cell.
     x_key
         Registry key of the expression matrix.
+
     """
 
     def __init__(

@@ -84,6 +84,7 @@ def fetch_file(name: str) -> Path:
     Returns
     -------
     Path to a verified local copy.
+
     """
     if name not in DATASETS:
         raise KeyError(f"Unknown dataset {name!r}; known datasets: {sorted(DATASETS)}.")
@@ -138,7 +139,7 @@ def papalexi_eccite_lowmoi() -> ad.AnnData:
 
 
 def pbmc68k_reduced_counts() -> ad.AnnData:
-    """scanpy's bundled ``pbmc68k_reduced`` with integer counts recovered from ``.raw``.
+    """Scanpy's bundled ``pbmc68k_reduced`` with integer counts recovered from ``.raw``.
 
     ``.raw.X`` is ``log1p`` of counts per 10,000, so counts are
     ``round(expm1(raw.X) * n_counts / 1e4)``. The result has the 765 genes of ``.raw``, the

@@ -40,6 +40,7 @@ def check_expression(X, *, name: str = "adata.X", require_integer: bool = True) 
         How the matrix is named in error messages (e.g. ``"adata.layers['counts']"``).
     require_integer
         Also require integer values (raw counts).
+
     """
     for values in _value_chunks(X):
         if values.size == 0:

@@ -114,6 +114,7 @@ class SCGPT(FoundationModelBase):
     >>> model = cf.model.SCGPT(adata, d_model=64, nhead=4, d_hid=64, nlayers=2)
     >>> model.train(max_epochs=5)
     >>> adata.obsm["X_scgpt"] = model.get_latent_representation()
+
     """
 
     _module_cls = SCGPTModule
@@ -144,7 +145,9 @@ class SCGPT(FoundationModelBase):
         if n_bins < 2:
             raise ValueError(f"n_bins must be at least 2, got {n_bins}.")
         if max_seq_len < 2:
-            raise ValueError(f"max_seq_len must be at least 2 (<cls> plus one gene), got {max_seq_len}.")
+            raise ValueError(
+                f"max_seq_len must be at least 2 (<cls> plus one gene), got {max_seq_len}."
+            )
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}.")
         if vocab is None:
@@ -192,7 +195,7 @@ class SCGPT(FoundationModelBase):
     # ------------------------------------------------------------------ setup
     @classmethod
     @setup_anndata_dsp.dedent
-    def setup_anndata(
+    def setup_anndata(  # noqa: D417 (parameters come from scvi-tools' docrep placeholders)
         cls,
         adata: AnnData,
         layer: str | None = None,
@@ -221,6 +224,7 @@ class SCGPT(FoundationModelBase):
             Require raw integer counts. scGPT's per-cell quantile binning depends only on each
             cell's ranking of genes, so normalised or log-transformed values give the same tokens;
             set ``False`` to pass them.
+
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         cls._register_anndata(
@@ -265,6 +269,7 @@ class SCGPT(FoundationModelBase):
             Minimum fraction of the AnnData's genes found in the checkpoint vocabulary.
         **kwargs
             Other constructor arguments (e.g. ``include_zero_gene``).
+
         """
         ckpt = read_scgpt_checkpoint(path)
         config = {k: v for k, v in ckpt.config.items() if k != "pad_token"}  # the vocab has it
@@ -325,9 +330,13 @@ class SCGPT(FoundationModelBase):
         **kwargs
             Passed to :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` and Lightning's
             ``Trainer`` (``train_size``, ``early_stopping``, ``accelerator``, ``max_time`` …).
+
         """
         tokenize = self._tokenizer(self.adata, random_truncation=True)
-        datasplitter_kwargs = {"collate_fn": TokenizingCollator(tokenize), **(datasplitter_kwargs or {})}
+        datasplitter_kwargs = {
+            "collate_fn": TokenizingCollator(tokenize),
+            **(datasplitter_kwargs or {}),
+        }
         plan_kwargs = {"lr": lr, "warmup_ratio": warmup_ratio, **(plan_kwargs or {})}
         return super().train(
             max_epochs=max_epochs,
@@ -369,6 +378,7 @@ class SCGPT(FoundationModelBase):
         Returns
         -------
         Array of shape ``(n_cells, d_model)``, float32.
+
         """
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}.")

@@ -22,6 +22,7 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_rati
         Total number of optimiser steps.
     min_lr_ratio
         Final learning rate as a fraction of the full one.
+
     """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -54,6 +55,7 @@ class PretrainingPlan(TrainingPlan):
         Learning rate at the end of the cosine decay, as a fraction of ``lr``.
     **kwargs
         Passed to :class:`~scvi.train.TrainingPlan`.
+
     """
 
     def __init__(
@@ -81,7 +83,7 @@ class PretrainingPlan(TrainingPlan):
         params = [p for p in self.module.parameters() if p.requires_grad]
         optimizer = self.get_optimizer_creator()(params)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = max(int(round(self.warmup_ratio * total)), 1) if self.warmup_ratio > 0 else 0
+        warmup = max(round(self.warmup_ratio * total), 1) if self.warmup_ratio > 0 else 0
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda step: warmup_cosine(
