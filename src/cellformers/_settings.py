@@ -15,6 +15,7 @@ class CellformersSettings:
     data_dir
         Optional folder searched first for registry datasets (files are used when their
         sha256 matches). Defaults to the ``CELLFORMERS_DATA`` environment variable.
+
     """
 
     def __init__(self) -> None:
