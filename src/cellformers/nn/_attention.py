@@ -127,7 +127,9 @@ class MultiheadSelfAttention(nn.Module):
         batch, length = key_padding_mask.shape
         d, h, hd = self.d_model, self.nhead, self.head_dim
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        full = qkv.new_zeros(batch * length, 3 * d).index_copy(0, index, qkv)
+        # scatter into the padded layout; padded rows must be finite (zero), not garbage
+        full = qkv.new_empty(batch * length, 3 * d).index_copy_(0, index, qkv)
+        full.index_fill_(0, key_padding_mask.reshape(-1).nonzero().squeeze(1), 0.0)
         q, k, v = full.view(batch, length, 3, h, hd).permute(2, 0, 3, 1, 4).unbind(0)
         out = self._attend(q, k, v, key_padding_mask)
         out = out.transpose(1, 2).reshape(batch * length, d).index_select(0, index)
