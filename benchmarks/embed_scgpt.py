@@ -35,8 +35,12 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # official_scgpt.py: reference checkpoints
 RESULTS = ROOT / "benchmarks" / "results"
 D_MODEL, NHEAD, NLAYERS, MAX_LEN, BATCH = 512, 8, 12, 1200, 32
+
+from official_scgpt import load_official, official_folder  # noqa: E402
+
 # Both implementations run under the same OpenMP setting; sleeping (not spinning) idle threads
 # avoid per-op stalls on machines with shared vCPUs.
 ENV = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
@@ -63,85 +67,6 @@ def load_dataset(name: str):
     raise ValueError(name)
 
 
-def write_checkpoint(folder: Path, genes: list[str]) -> None:
-    import torch
-    from scgpt.model import TransformerModel
-
-    vocab = {g: i for i, g in enumerate(genes)}
-    for special in ("<pad>", "<cls>", "<eoc>"):
-        vocab[special] = len(vocab)
-    torch.manual_seed(0)
-    model = TransformerModel(
-        ntoken=len(vocab),
-        d_model=D_MODEL,
-        nhead=NHEAD,
-        d_hid=D_MODEL,
-        nlayers=NLAYERS,
-        nlayers_cls=3,
-        n_cls=1,
-        vocab=vocab,
-        dropout=0.2,
-        pad_token="<pad>",
-        pad_value=-2,
-        do_mvc=True,
-        use_fast_transformer=False,
-    )
-    state = {
-        k.replace("self_attn.in_proj_", "self_attn.Wqkv."): v
-        for k, v in model.state_dict().items()
-        if not k.startswith("cls_decoder.")
-    }  # as in the published whole-human file
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(state, folder / "best_model.pt")
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    args = {
-        "embsize": D_MODEL,
-        "nheads": NHEAD,
-        "d_hid": D_MODEL,
-        "nlayers": NLAYERS,
-        "n_layers_cls": 3,
-        "dropout": 0.2,
-        "pad_token": "<pad>",
-        "pad_value": -2,
-        "mask_value": -1,
-        "n_bins": 51,
-        "max_seq_len": MAX_LEN,
-        "MVC": True,
-    }
-    (folder / "args.json").write_text(json.dumps(args))
-
-
-def _official_model(folder: Path):
-    import torch
-    from scgpt.model import TransformerModel
-
-    vocab = json.loads((folder / "vocab.json").read_text())
-    model = TransformerModel(
-        ntoken=len(vocab),
-        d_model=D_MODEL,
-        nhead=NHEAD,
-        d_hid=D_MODEL,
-        nlayers=NLAYERS,
-        nlayers_cls=3,
-        n_cls=1,
-        vocab=vocab,
-        dropout=0.2,
-        pad_token="<pad>",
-        pad_value=-2,
-        do_mvc=True,
-        use_fast_transformer=False,
-    )
-    state = torch.load(folder / "best_model.pt", weights_only=True)
-    state = {k.replace("self_attn.Wqkv.", "self_attn.in_proj_"): v for k, v in state.items()}
-    state.pop("flag_encoder.weight", None)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all(k.startswith("cls_decoder.") for k in missing), (
-        missing,
-        unexpected,
-    )
-    return model.eval(), vocab
-
-
 def run_one(which: str, dataset: str, folder: Path, out: Path) -> None:
     """Measure one implementation in this (fresh) process and write a JSON record."""
     import torch
@@ -164,7 +89,7 @@ def run_one(which: str, dataset: str, folder: Path, out: Path) -> None:
         import warnings
 
         warnings.filterwarnings("ignore")
-        model, vocab = _official_model(folder)
+        model, vocab, _ = load_official(folder)
         matched = adata[:, adata.var_names.isin(vocab)].copy()
         gene_ids = np.array([vocab[g] for g in matched.var_names])
         if which == "official-pipeline":
@@ -269,7 +194,9 @@ def main() -> None:
         for dataset in args.datasets:
             adata = load_dataset(dataset)
             folder = tmp / f"ckpt_{dataset}"
-            write_checkpoint(folder, list(adata.var_names))
+            official_folder(
+                folder, list(adata.var_names), d_model=D_MODEL, nhead=NHEAD, nlayers=NLAYERS
+            )
             records = {}
             for which in ("cellformers", "official-pipeline", "official-forward"):
                 out = tmp / f"{dataset}_{which}.json"

@@ -14,6 +14,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest
 
 TESTS = Path(__file__).parent
+sys.path.insert(0, str(TESTS))  # shared helpers such as official_scgpt.py
 SHARED_DATA = TESTS.parent.parent / "shared" / "data"
 
 # Point the dataset registry at the shared data folder when it is there, so tests need no network.

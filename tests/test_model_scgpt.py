@@ -1,13 +1,12 @@
 from __future__ import annotations
 
-import json
-
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
+from official_scgpt import official_folder
 
 import cellformers as cf
 from cellformers.model import SCGPT
@@ -210,67 +209,6 @@ def test_tokens_identical_for_counts_and_lognormalised(pbmc):
 
 
 # ---------------------------------------------------------------- official checkpoints
-def _official_folder(official_scgpt, tmp_path, genes, *, d_model=32, nhead=4, nlayers=2, seed=0):
-    """Write a random-weight scGPT checkpoint in the published folder layout."""
-    from scgpt.model import TransformerModel
-
-    vocab = {g: i for i, g in enumerate(genes)}
-    for special in ("<pad>", "<cls>", "<eoc>"):
-        vocab[special] = len(vocab)
-    torch.manual_seed(seed)
-    official = TransformerModel(
-        ntoken=len(vocab),
-        d_model=d_model,
-        nhead=nhead,
-        d_hid=d_model,
-        nlayers=nlayers,
-        nlayers_cls=3,
-        n_cls=1,
-        vocab=vocab,
-        dropout=0.2,
-        pad_token="<pad>",
-        pad_value=-2,
-        do_mvc=True,
-        do_dab=False,
-        use_batch_labels=False,
-        domain_spec_batchnorm=False,
-        explicit_zero_prob=False,
-        use_fast_transformer=False,
-        pre_norm=False,
-    ).eval()
-    # the published whole-human file has no cls_decoder (0.2.4 builds one even with n_cls=1)
-    state = {
-        k.replace("self_attn.in_proj_", "self_attn.Wqkv."): v
-        for k, v in official.state_dict().items()
-        if not k.startswith("cls_decoder.")
-    }
-    state["flag_encoder.weight"] = torch.randn(2, d_model)
-    folder = tmp_path / "scGPT_test"
-    folder.mkdir()
-    torch.save(state, folder / "best_model.pt")
-    shuffled = dict(
-        sorted(vocab.items(), key=lambda kv: kv[0])
-    )  # key order is arbitrary in the real file
-    (folder / "vocab.json").write_text(json.dumps(shuffled))
-    args = {
-        "embsize": d_model,
-        "nheads": nhead,
-        "d_hid": d_model,
-        "nlayers": nlayers,
-        "n_layers_cls": 3,
-        "dropout": 0.2,
-        "pad_token": "<pad>",
-        "pad_value": -2,
-        "mask_value": -1,
-        "n_bins": 51,
-        "max_seq_len": 1200,
-        "MVC": True,
-        "input_emb_style": "continuous",
-    }
-    (folder / "args.json").write_text(json.dumps(args))
-    return folder, official, vocab
-
-
 def _distinct_counts(cellbench, n_cells=40, max_genes=300, seed=0):
     """Real cellbench genes, with distinct counts inside each cell so that binning has no ties."""
     rng = np.random.default_rng(seed)
@@ -289,7 +227,7 @@ def test_from_pretrained_matches_official_embeddings(official_scgpt, cellbench, 
     from scgpt.tasks.cell_emb import get_batch_cell_embeddings
 
     adata = _distinct_counts(cellbench)
-    folder, official, vocab = _official_folder(official_scgpt, tmp_path, list(adata.var_names[::2]))
+    folder, official, vocab = official_folder(tmp_path / "scGPT_test", list(adata.var_names[::2]))
     # the official pipeline embeds only the genes in the vocabulary
     matched = adata[:, adata.var_names.isin(vocab)].copy()
     expected = get_batch_cell_embeddings(
@@ -309,7 +247,7 @@ def test_from_pretrained_matches_official_embeddings(official_scgpt, cellbench, 
 
 
 def test_from_pretrained_requires_matching_genes(official_scgpt, cellbench, tmp_path):
-    folder, _, _ = _official_folder(official_scgpt, tmp_path, [f"NOTAGENE{i}" for i in range(50)])
+    folder, _, _ = official_folder(tmp_path / "scGPT_test", [f"NOTAGENE{i}" for i in range(50)])
     adata = cellbench[:10].copy()
     SCGPT.setup_anndata(adata)
     with pytest.raises(ValueError, match="coverage|matched"):
@@ -318,7 +256,7 @@ def test_from_pretrained_requires_matching_genes(official_scgpt, cellbench, tmp_
 
 def test_from_pretrained_save_load(official_scgpt, cellbench, tmp_path):
     adata = cellbench[:30].copy()
-    folder, _, _ = _official_folder(official_scgpt, tmp_path, list(adata.var_names))
+    folder, _, _ = official_folder(tmp_path / "scGPT_test", list(adata.var_names))
     SCGPT.setup_anndata(adata)
     model = SCGPT.from_pretrained(folder, adata)
     z = model.get_latent_representation()

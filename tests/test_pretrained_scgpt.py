@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from official_scgpt import checkpoint_layout, official_model, write_folder
 
 from cellformers.genes import GeneVocab
 from cellformers.module import SCGPTModule
@@ -59,65 +60,16 @@ def _gene_vocab_json():
 
 
 def _official_model(official_scgpt, vocab: dict[str, int]):
-    """Build the official model exactly as scgpt.tasks.embed_data does (torch path)."""
-    from scgpt.model import TransformerModel
-
-    torch.manual_seed(0)
-    model = TransformerModel(
-        ntoken=len(vocab),
-        d_model=ARGS["embsize"],
-        nhead=ARGS["nheads"],
-        d_hid=ARGS["d_hid"],
-        nlayers=ARGS["nlayers"],
-        nlayers_cls=ARGS["n_layers_cls"],
-        n_cls=1,
-        vocab=vocab,
-        dropout=ARGS["dropout"],
-        pad_token=ARGS["pad_token"],
-        pad_value=ARGS["pad_value"],
-        do_mvc=True,
-        do_dab=False,
-        use_batch_labels=False,
-        domain_spec_batchnorm=False,
-        explicit_zero_prob=False,
-        use_fast_transformer=False,
-        fast_transformer_backend="flash",
-        pre_norm=False,
-    )
-    # torch's TransformerEncoder deep-copies one layer: randomise every parameter so that
-    # layers differ and biases / norms are not trivial.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * 0.2)
-            if "norm" in name and name.endswith("weight"):
-                p.add_(1.0)
-    return model.eval()
+    """Build the official model exactly as scgpt.tasks.embed_data does, every weight random."""
+    return official_model(vocab, ARGS, randomize=True)
 
 
 def _to_checkpoint_layout(sd, layout: str):
-    """Rename a torch-layout state dict into one of the published layouts."""
-    out = {}
-    for k, v in sd.items():
-        if k.startswith("cls_decoder."):
-            continue  # the whole-human checkpoint has no classification head
-        if layout == "flash":
-            k = k.replace("self_attn.in_proj_", "self_attn.Wqkv.")
-        elif layout == "flash2":
-            k = k.replace("self_attn.in_proj_", "self_attn._impl.Wqkv.")
-            k = k.replace("self_attn.out_proj.", "self_attn._impl.out_proj.")
-        elif layout == "ddp":
-            k = "module." + k.replace("self_attn.in_proj_", "self_attn.Wqkv.")
-        out[k] = v.clone()
-    out["flag_encoder.weight"] = torch.randn(2, ARGS["embsize"])
-    return out
+    return checkpoint_layout(sd, layout, flag_dim=ARGS["embsize"])
 
 
 def _write_folder(path, sd, args=ARGS, vocab=None):
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "args.json").write_text(json.dumps(args))
-    (path / "vocab.json").write_text(json.dumps(vocab if vocab is not None else _gene_vocab_json()))
-    torch.save(sd, path / "best_model.pt")
-    return path
+    return write_folder(path, sd, args, vocab if vocab is not None else _gene_vocab_json())
 
 
 @pytest.fixture(scope="module")
