@@ -263,3 +263,15 @@ def test_from_pretrained_save_load(official_scgpt, cellbench, tmp_path):
     model.save(tmp_path / "saved")
     loaded = SCGPT.load(tmp_path / "saved", adata=adata)
     np.testing.assert_array_equal(loaded.get_latent_representation(), z)
+
+
+def test_loaded_without_adata_embeds_any_genes(trained, tmp_path):
+    adata = trained.adata
+    z = trained.get_latent_representation()
+    trained.save(tmp_path / "m", overwrite=True)
+    loaded = SCGPT.load(tmp_path / "m")  # no AnnData: registry only
+    np.testing.assert_array_equal(loaded.get_latent_representation(adata.copy()), z)
+    # a copy with fewer genes carries the original's registration id in .uns: set up afresh
+    subset = adata[:, adata.var_names[:700]].copy()
+    assert loaded.get_latent_representation(subset).shape == z.shape
+    assert subset.uns["_scvi_uuid"] != adata.uns["_scvi_uuid"]

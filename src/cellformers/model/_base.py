@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from uuid import uuid4
 
 import numpy as np
 import pandas as pd
@@ -20,6 +21,7 @@ from ..train import PretrainingPlan
 logger = logging.getLogger(__name__)
 
 _CHUNK_CELLS = 8192
+_SCVI_UUID_KEY = "_scvi_uuid"  # where scvi-tools keeps an AnnData's registration id (adata.uns)
 
 
 def _resolve_indices(indices: Sequence[int] | np.ndarray | None, n_obs: int) -> np.ndarray:
@@ -99,21 +101,24 @@ class FoundationModelBase(UnsupervisedTrainingMixin, BaseModelClass):
         """Validate ``adata``; query data may carry any genes.
 
         A foundation model reads genes through its vocabulary, so a query AnnData whose genes
-        differ from the registered ones is set up afresh (with the registered setup arguments)
-        instead of being rejected by scvi-tools' field transfer.
+        differ from the registered ones is set up afresh (with its own setup if the user ran
+        :meth:`setup_anndata` on it, else with the model's setup arguments) instead of being
+        rejected by scvi-tools' field transfer, which requires the registered genes.
         """
-        if adata is None or self.get_anndata_manager(adata) is not None:
-            return super()._validate_anndata(adata, copy_if_view)
-        registered = self.get_state_registry(REGISTRY_KEYS.X_KEY).column_names
-        same_genes = adata.n_vars == len(registered) and np.array_equal(
-            np.asarray(adata.var_names), np.asarray(registered)
-        )
-        if same_genes:
+        if adata is None or self._has_registered_genes(adata):
             return super()._validate_anndata(adata, copy_if_view)
         if adata.is_view:
             raise ValueError("Received a view of an AnnData; pass `adata.copy()` instead.")
-        manager = self._get_most_recent_anndata_manager(adata)
-        if manager is None:
+        uuid = adata.uns.get(_SCVI_UUID_KEY)
+        # look the stores up directly: scvi-tools' getters try a field transfer on copies
+        manager = type(self)._per_instance_manager_store.get(self.id, {}).get(uuid)
+        if manager is not None and manager.adata is adata:
+            manager.validate()
+            return adata
+        manager = type(self)._setup_adata_manager_store.get(uuid)
+        if manager is None or manager.adata is not adata:
+            # Not set up, or the registration was copied from another AnnData with the data.
+            adata.uns[_SCVI_UUID_KEY] = str(uuid4())
             logger.info("Setting up query AnnData with the model's setup arguments.")
             getattr(type(self), self.registry_["setup_method_name"])(
                 adata, **self.registry_["setup_args"]
@@ -121,6 +126,13 @@ class FoundationModelBase(UnsupervisedTrainingMixin, BaseModelClass):
             manager = self._get_most_recent_anndata_manager(adata, required=True)
         self._register_manager_for_instance(manager)
         return adata
+
+    def _has_registered_genes(self, adata: AnnData) -> bool:
+        """Whether ``adata`` has exactly the genes (and order) the model was registered with."""
+        registered = self.get_state_registry(REGISTRY_KEYS.X_KEY).column_names
+        return adata.n_vars == len(registered) and np.array_equal(
+            np.asarray(adata.var_names), np.asarray(registered)
+        )
 
     # ------------------------------------------------------------------ inference loop
     def _tokenizer(self, adata: AnnData):  # pragma: no cover - abstract
