@@ -111,7 +111,11 @@ def run_demo(
     epoch_seconds = time.perf_counter() - start
     remaining = int(minutes * 60 - epoch_seconds)
     if remaining > epoch_seconds:
-        model.train(max_epochs=max(int(remaining / epoch_seconds), 1), max_time={"seconds": remaining}, **fit)
+        model.train(
+            max_epochs=max(int(remaining / epoch_seconds), 1),
+            max_time={"seconds": remaining},
+            **fit,
+        )
     train_seconds = time.perf_counter() - start
     epochs = len(model.history["train_loss"])
     loss = model.history["train_loss"].astype(float).to_numpy().ravel()
