@@ -275,3 +275,20 @@ def test_loaded_without_adata_embeds_any_genes(trained, tmp_path):
     subset = adata[:, adata.var_names[:700]].copy()
     assert loaded.get_latent_representation(subset).shape == z.shape
     assert subset.uns["_scvi_uuid"] != adata.uns["_scvi_uuid"]
+
+
+def test_backed_anndata_streams_to_the_same_embeddings(cellbench_path, tmp_path):
+    import shutil
+
+    path = tmp_path / "cellbench.h5ad"
+    shutil.copy(cellbench_path, path)
+    in_memory = ad.read_h5ad(path)
+    SCGPT.setup_anndata(in_memory)
+    torch.manual_seed(0)
+    model = SCGPT(in_memory, **{**SMALL, "max_seq_len": 256})
+    model.is_trained_ = True
+    z = model.get_latent_representation(batch_size=50)
+    backed = ad.read_h5ad(path, backed="r")
+    SCGPT.setup_anndata(backed)
+    np.testing.assert_allclose(model.get_latent_representation(backed, batch_size=33), z, atol=1e-5)
+    backed.file.close()
