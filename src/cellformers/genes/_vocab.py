@@ -136,9 +136,9 @@ class GeneVocab:
                 f"Gene tokens must be unique; {int(idx.duplicated().sum())} duplicate(s), e.g. {dup}. "
                 "Deduplicate the list before building a vocabulary."
             )
-        tokens = list(genes) + [s for s in dict.fromkeys(specials) if s not in set(genes)]
-        return cls(
-            dict(zip(tokens, range(len(tokens)), strict=True)),
+        return cls.from_dict(
+            dict(zip(genes, range(len(genes)), strict=True)),
+            specials,
             pad_token=pad_token,
             cls_token=cls_token,
         )

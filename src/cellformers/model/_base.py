@@ -146,17 +146,16 @@ class FoundationModelBase(UnsupervisedTrainingMixin, BaseModelClass):
     def _iter_token_batches(
         self,
         adata: AnnData,
-        indices: Sequence[int] | np.ndarray | None,
+        indices: np.ndarray,
         batch_size: int,
     ):
-        """Yield ``(positions, tokens)`` over the requested cells in length-sorted batches.
+        """Yield ``(positions, tokens)`` over the cells at ``indices`` in length-sorted batches.
 
         ``positions`` index the output rows (the order of ``indices``). Cells are read in
         chunks, sorted by token length inside each chunk and batched, so padding is minimal and
         every cell's tokens depend on that cell alone.
         """
         X = self.get_anndata_manager(adata, required=True).get_from_registry(REGISTRY_KEYS.X_KEY)
-        indices = _resolve_indices(indices, adata.n_obs)
         tokenizer = self._tokenizer(adata)
         for start in range(0, len(indices), _CHUNK_CELLS):
             chunk = indices[start : start + _CHUNK_CELLS]
@@ -177,7 +176,7 @@ class FoundationModelBase(UnsupervisedTrainingMixin, BaseModelClass):
         self._check_if_trained(warn=False)
         adata = self._validate_anndata(adata)
         batch_size = 64 if batch_size is None else int(batch_size)
-        n_out = len(_resolve_indices(indices, adata.n_obs))
+        indices = _resolve_indices(indices, adata.n_obs)
         out: np.ndarray | None = None
         was_training = self.module.training
         self.module.eval()
@@ -187,7 +186,7 @@ class FoundationModelBase(UnsupervisedTrainingMixin, BaseModelClass):
                     tensors = {k: torch.as_tensor(v, device=self.device) for k, v in tokens.items()}
                     result = fn(tensors).float().cpu().numpy()
                     if out is None:
-                        out = np.empty((n_out, *result.shape[1:]), dtype=np.float32)
+                        out = np.empty((len(indices), *result.shape[1:]), dtype=np.float32)
                     out[positions] = result
         finally:
             self.module.train(was_training)
