@@ -1,5 +1,6 @@
 """Networks (scvi-tools modules), one file per model family."""
 
+from ._geneformer import GeneformerModule
 from ._scgpt import SCGPTModule
 
-__all__ = ["SCGPTModule"]
+__all__ = ["GeneformerModule", "SCGPTModule"]

@@ -2,7 +2,7 @@
 
 from ._attention import MultiheadSelfAttention
 from ._encoders import ContinuousValueEncoder, GeneEncoder
-from ._heads import ExprDecoder, MVCDecoder
+from ._heads import ExprDecoder, MaskedLMHead, MVCDecoder
 from ._transformer import TransformerEncoder, TransformerEncoderLayer
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "ExprDecoder",
     "GeneEncoder",
     "MVCDecoder",
+    "MaskedLMHead",
     "MultiheadSelfAttention",
     "TransformerEncoder",
     "TransformerEncoderLayer",

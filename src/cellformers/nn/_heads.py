@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from ._transformer import _ACTIVATIONS
 
 
 class ExprDecoder(nn.Module):
@@ -76,3 +79,56 @@ class MVCDecoder(nn.Module):
         """
         query = self.query_activation(self.gene2query(gene_embs))
         return torch.matmul(self.W(query), cell_emb.unsqueeze(-1)).squeeze(-1)
+
+
+class MaskedLMHead(nn.Module):
+    """Token prediction head with an output matrix tied to the input embeddings (BERT's MLM head).
+
+    ``logits = LayerNorm(act(dense(x))) @ Wᵀ + bias``, where ``W`` is the word-embedding matrix
+    ``[vocab, d_model]`` passed to :meth:`forward`. The head owns ``dense``, ``norm`` and
+    ``bias`` only, so the tie cannot be broken by loading, moving or casting the module.
+
+    Parameters
+    ----------
+    d_model
+        Hidden dimension.
+    vocab_size
+        Number of output tokens.
+    activation
+        ``"relu"`` or ``"gelu"`` (exact, erf-based).
+    layer_norm_eps
+        Epsilon of the layer norm.
+
+    """
+
+    def __init__(
+        self, d_model: int, vocab_size: int, activation: str = "gelu", layer_norm_eps: float = 1e-12
+    ):
+        super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}."
+            )
+        self.dense = nn.Linear(d_model, d_model)
+        self.activation_name = activation
+        self.activation = _ACTIVATIONS[activation]
+        self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, x: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
+        """Token logits.
+
+        Parameters
+        ----------
+        x
+            Token states ``[..., d_model]``.
+        embedding_weight
+            The tied output matrix ``[vocab_size, d_model]`` (the word embeddings).
+
+        Returns
+        -------
+        Tensor of shape ``[..., vocab_size]``.
+
+        """
+        h = self.norm(self.activation(self.dense(x)))
+        return F.linear(h, embedding_weight, self.bias)

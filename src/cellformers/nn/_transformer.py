@@ -35,11 +35,17 @@ class TransformerEncoderLayer(nn.Module):
     dropout
         Dropout probability (attention weights, residual branches and feed-forward hidden layer).
     activation
-        Feed-forward activation, ``"relu"`` or ``"gelu"``.
+        Feed-forward activation, ``"relu"`` or ``"gelu"`` (exact, erf-based).
     norm_first
         Pre-norm (`True`) or post-norm (`False`, torch's default and scGPT's choice).
     layer_norm_eps
         Epsilon of both layer norms.
+    attention_dropout
+        Dropout probability on the attention weights; defaults to ``dropout``. BERT has its
+        own ``attention_probs_dropout_prob``.
+    activation_dropout
+        Dropout probability on the feed-forward hidden layer (after the activation); defaults
+        to ``dropout`` as in torch. BERT has none there (``0.0``).
 
     """
 
@@ -52,15 +58,19 @@ class TransformerEncoderLayer(nn.Module):
         activation: str = "relu",
         norm_first: bool = False,
         layer_norm_eps: float = 1e-5,
+        attention_dropout: float | None = None,
+        activation_dropout: float | None = None,
     ):
         super().__init__()
         if activation not in _ACTIVATIONS:
             raise ValueError(
                 f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}."
             )
-        self.self_attn = MultiheadSelfAttention(d_model, nhead, dropout=dropout)
+        attention_dropout = dropout if attention_dropout is None else attention_dropout
+        activation_dropout = dropout if activation_dropout is None else activation_dropout
+        self.self_attn = MultiheadSelfAttention(d_model, nhead, dropout=attention_dropout)
         self.linear1 = nn.Linear(d_model, d_hid)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(activation_dropout)
         self.linear2 = nn.Linear(d_hid, d_model)
         self.norm_first = norm_first
         self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps)
@@ -184,8 +194,9 @@ class TransformerEncoder(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         *,
         n_queries: int | None = None,
+        n_layers: int | None = None,
     ) -> torch.Tensor:
-        """Apply all layers in order.
+        """Apply the layers in order.
 
         With padding, per-token work runs on the real tokens only and padded positions of the
         output are zero (as in torch's fast path and flash attention); real positions are
@@ -198,8 +209,12 @@ class TransformerEncoder(nn.Module):
         key_padding_mask
             Boolean ``[batch, length]``, `True` at padded positions, or `None`.
         n_queries
-            Return only the first ``n_queries`` positions; the last layer then computes only
-            those (e.g. ``1`` for the ``<cls>`` embedding).
+            Return only the first ``n_queries`` positions; the last layer run then computes
+            only those (e.g. ``1`` for the ``<cls>`` embedding).
+        n_layers
+            Run only the first ``n_layers`` layers (``0`` returns ``x`` unchanged); `None` runs
+            all. The final ``norm`` belongs to the end of the stack and is applied only when
+            all layers run.
 
         Returns
         -------
@@ -207,6 +222,12 @@ class TransformerEncoder(nn.Module):
         ``n_queries``).
 
         """
+        if n_layers is None:
+            n_layers = len(self.layers)
+        elif not 0 <= n_layers <= len(self.layers):
+            raise ValueError(
+                f"n_layers must be in [0, {len(self.layers)}] (the number of layers), got {n_layers}."
+            )
         if key_padding_mask is not None:
             if key_padding_mask.dtype != torch.bool:
                 raise TypeError(
@@ -214,7 +235,7 @@ class TransformerEncoder(nn.Module):
                 )
             if not key_padding_mask.any():
                 key_padding_mask = None
-        layers = list(self.layers)
+        layers = list(self.layers)[:n_layers]
         last = layers.pop() if n_queries is not None and layers else None
         packable = key_padding_mask is not None and all(
             isinstance(layer, TransformerEncoderLayer) for layer in layers
@@ -233,6 +254,6 @@ class TransformerEncoder(nn.Module):
             x = last(x, key_padding_mask=key_padding_mask, n_queries=n_queries)
         elif n_queries is not None:
             x = x[:, :n_queries]
-        if self.norm is not None:
+        if self.norm is not None and n_layers == len(self.layers):
             x = self.norm(x)
         return x

@@ -1,5 +1,14 @@
 """Published checkpoints: readers that convert official layouts into module state dicts."""
 
+from ._geneformer import (
+    GeneformerCheckpoint,
+    geneformer_hf_config,
+    geneformer_module_kwargs,
+    geneformer_state_dict_to_hf,
+    load_geneformer_state_dict,
+    read_geneformer_checkpoint,
+    save_geneformer_checkpoint,
+)
 from ._scgpt import (
     ScGPTCheckpoint,
     load_scgpt_state_dict,
@@ -8,8 +17,15 @@ from ._scgpt import (
 )
 
 __all__ = [
+    "GeneformerCheckpoint",
     "ScGPTCheckpoint",
+    "geneformer_hf_config",
+    "geneformer_module_kwargs",
+    "geneformer_state_dict_to_hf",
+    "load_geneformer_state_dict",
     "load_scgpt_state_dict",
     "normalize_scgpt_state_dict",
+    "read_geneformer_checkpoint",
     "read_scgpt_checkpoint",
+    "save_geneformer_checkpoint",
 ]
