@@ -52,7 +52,9 @@ class TokenizingCollator:
 
     ``AnnDataLoader`` hands one dict per minibatch (``{"X": ..., "batch": ..., ...}``); the
     expression matrix under ``x_key`` is replaced by the arrays that ``tokenize`` returns
-    (e.g. ``genes`` and ``values``), the other entries become tensors. Keep ``tokenize``
+    (e.g. ``genes`` and ``values``), the other entries become tensors. Entries named in
+    ``tokenize.registry_keys`` (if it has that attribute) are passed to it as keyword arguments
+    (e.g. per-cell total counts). Keep ``tokenize``
     picklable (a module-level function or :func:`functools.partial` of one) so the collator
     works in DataLoader worker processes.
 
@@ -73,6 +75,9 @@ class TokenizingCollator:
 
     def __call__(self, batch: Mapping[str, object]) -> dict[str, torch.Tensor]:
         out = {k: torch.as_tensor(np.asarray(v)) for k, v in batch.items() if k != self.x_key}
-        for key, value in self.tokenize(to_csr(batch[self.x_key])).items():
+        extra = {
+            k: np.asarray(batch[k]).reshape(-1) for k in getattr(self.tokenize, "registry_keys", ())
+        }
+        for key, value in self.tokenize(to_csr(batch[self.x_key]), **extra).items():
             out[key] = torch.as_tensor(value)
         return out

@@ -65,9 +65,10 @@ class FoundationModelBase(UnsupervisedTrainingMixin, BaseModelClass):
         labels_key: str | None,
         gene_key: str | None,
         is_count_data: bool,
+        extra_fields: Sequence = (),
         **kwargs,
     ) -> None:
-        """Validate ``adata`` and register the fields every model reads."""
+        """Validate ``adata`` and register the fields every model reads (plus ``extra_fields``)."""
         if not isinstance(adata, AnnData):
             raise TypeError(f"Expected an AnnData object, got {type(adata).__name__}.")
         check_setup_keys(adata, layer=layer, obs_keys=[batch_key, labels_key], var_keys=[gene_key])
@@ -83,6 +84,7 @@ class FoundationModelBase(UnsupervisedTrainingMixin, BaseModelClass):
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=is_count_data),
             CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
             CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
+            *extra_fields,
         ]
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         manager.register_fields(adata, **kwargs)
@@ -139,7 +141,9 @@ class FoundationModelBase(UnsupervisedTrainingMixin, BaseModelClass):
         """Return a tokenizer for ``adata``'s columns.
 
         It has ``lengths(X) -> np.ndarray`` (tokens per cell) and is callable on a CSR batch,
-        returning a dict of arrays with one row per cell.
+        returning a dict of arrays with one row per cell. A tokenizer that also needs per-cell
+        registry fields (e.g. total counts) names them in ``registry_keys``; they are passed as
+        keyword arguments of the same names.
         """
         raise NotImplementedError
 
@@ -155,15 +159,21 @@ class FoundationModelBase(UnsupervisedTrainingMixin, BaseModelClass):
         chunks, sorted by token length inside each chunk and batched, so padding is minimal and
         every cell's tokens depend on that cell alone.
         """
-        X = self.get_anndata_manager(adata, required=True).get_from_registry(REGISTRY_KEYS.X_KEY)
+        manager = self.get_anndata_manager(adata, required=True)
+        X = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
         tokenizer = self._tokenizer(adata)
+        fields = {
+            key: np.asarray(manager.get_from_registry(key)).reshape(adata.n_obs, -1)
+            for key in getattr(tokenizer, "registry_keys", ())
+        }
         for start in range(0, len(indices), _CHUNK_CELLS):
             chunk = indices[start : start + _CHUNK_CELLS]
             order = np.argsort(chunk, kind="stable")  # backed files need increasing indices
             Xc = to_csr(X[chunk[order]])
             positions = start + order
             for batch in length_bucketed_batches(tokenizer.lengths(Xc), batch_size):
-                yield positions[batch], tokenizer(Xc[batch])
+                extra = {key: value[chunk[order][batch]] for key, value in fields.items()}
+                yield positions[batch], tokenizer(Xc[batch], **extra)
 
     def _map_cells(
         self,
