@@ -33,6 +33,10 @@ class DatasetEntry:
     source: str
 
 
+_GENEFORMER_V1_URL = (
+    "https://huggingface.co/ctheodoris/Geneformer/resolve/main/geneformer/gene_dictionaries_30m"
+)
+
 DATASETS: dict[str, DatasetEntry] = {
     "cellbench_2platform": DatasetEntry(
         fname="cellbench_2platform.h5ad",
@@ -62,6 +66,34 @@ DATASETS: dict[str, DatasetEntry] = {
         license="BSD-3-Clause",
         source="MERFISH mouse primary motor cortex, 253-gene panel (Tangram test data)",
     ),
+    "geneformer_v1_token_dictionary": DatasetEntry(
+        fname="geneformer_v1/token_dictionary.pkl",
+        sha256="ab9dc40973fa5224d77b793e2fd114cacf3d08423ed9c4c49caf0ba9c7f218f1",
+        url=f"{_GENEFORMER_V1_URL}/token_dictionary_gc30M.pkl",
+        license="Apache-2.0",
+        source="Geneformer V1 token dictionary (ctheodoris/Geneformer, gene_dictionaries_30m)",
+    ),
+    "geneformer_v1_gene_median_dictionary": DatasetEntry(
+        fname="geneformer_v1/gene_median_dictionary.pkl",
+        sha256="b3b589bb5ec75040d05fc44dd6bf0184cf87f3c362cf158d196a6ed3b7fe5f39",
+        url=f"{_GENEFORMER_V1_URL}/gene_median_dictionary_gc30M.pkl",
+        license="Apache-2.0",
+        source="Geneformer V1 gene non-zero medians (ctheodoris/Geneformer, gene_dictionaries_30m)",
+    ),
+    "geneformer_v1_gene_name_id_dict": DatasetEntry(
+        fname="geneformer_v1/gene_name_id_dict.pkl",
+        sha256="55e67962e79c0039a6c32d43c5c99f38e51964bbcfa32f736150ee1e285c438c",
+        url=f"{_GENEFORMER_V1_URL}/gene_name_id_dict_gc30M.pkl",
+        license="Apache-2.0",
+        source="Geneformer V1 gene symbol -> Ensembl ID map (ctheodoris/Geneformer)",
+    ),
+}
+
+#: Keys of :func:`geneformer_v1_dictionaries` and the registry entries they come from.
+_GENEFORMER_V1_FILES = {
+    "token_dictionary": "geneformer_v1_token_dictionary",
+    "gene_median_dictionary": "geneformer_v1_gene_median_dictionary",
+    "gene_name_id_dict": "geneformer_v1_gene_name_id_dict",
 }
 
 
@@ -122,6 +154,25 @@ def is_available(name: str) -> bool:
         return False
     folders = [f for f in (settings.data_dir, settings.cache_dir / "data") if f is not None]
     return any((Path(f) / entry.fname).is_file() for f in folders)
+
+
+def geneformer_v1_dictionaries() -> dict[str, Path]:
+    """Local paths to the three dictionaries of the Geneformer V1 models (30M-cell corpus).
+
+    The files are the published pickles of the Geneformer repository (Apache-2.0), pinned by
+    sha256; each is taken from :attr:`cellformers.settings.data_dir`, the cache, or downloaded
+    from Hugging Face on first use. Read them with :func:`cellformers.genes.read_gene_dict`,
+    which never executes pickled code.
+
+    Returns
+    -------
+    Paths keyed ``"token_dictionary"`` (Ensembl ID -> token id, 25,426 entries with
+    ``<pad>`` = 0 and ``<mask>`` = 1), ``"gene_median_dictionary"`` (Ensembl ID -> non-zero
+    median of normalised expression over the pretraining corpus) and ``"gene_name_id_dict"``
+    (gene symbol -> Ensembl ID).
+
+    """
+    return {key: fetch_file(name) for key, name in _GENEFORMER_V1_FILES.items()}
 
 
 def cellbench_2platform() -> ad.AnnData:

@@ -27,7 +27,8 @@ class GeneMatch:
     ----------
     token_ids
         ``int64`` vocabulary id of every input gene, in input order; ``-1`` where the gene is
-        not in the vocabulary or repeats a token already taken by an earlier gene.
+        not in the vocabulary or (unless matched with ``keep_duplicates=True``) repeats a token
+        already taken by an earlier gene.
     n_genes
         Number of input genes.
     n_matched
@@ -38,7 +39,8 @@ class GeneMatch:
         Names of the input genes not found in the vocabulary, in input order.
     duplicated
         Names of input genes that map to a token already taken by an earlier gene (they get
-        ``-1``; the first gene keeps the token).
+        ``-1`` and the first gene keeps the token, or with ``keep_duplicates=True`` they keep
+        the shared token).
     n_converted
         Number of matched genes found only after converting between symbols and Ensembl IDs
         through the shipped GENCODE table.
@@ -106,6 +108,7 @@ def match_genes(
     *,
     min_coverage: float = 0.5,
     id_type: Literal["auto", "symbol", "ensembl"] = "auto",
+    keep_duplicates: bool = False,
 ) -> GeneMatch:
     """Map gene names to vocabulary ids, converting between symbols and Ensembl IDs if needed.
 
@@ -113,7 +116,8 @@ def match_genes(
     ignored). Names still unmatched are converted through the shipped human GENCODE v44 table
     when they are of the other kind than the vocabulary's tokens (Ensembl IDs against a
     vocabulary of symbols, or symbols against a vocabulary of Ensembl IDs). When several genes
-    map to the same token, the first keeps it and the others get ``-1`` (with a warning).
+    map to the same token, the first keeps it and the others get ``-1`` (with a warning), unless
+    `keep_duplicates` is set.
 
     Parameters
     ----------
@@ -127,6 +131,10 @@ def match_genes(
     id_type
         What the names are: ``"symbol"``, ``"ensembl"``, or ``"auto"`` to decide per name
         (names like ``ENSG00000141510`` or ``ENSMUSG...`` are Ensembl IDs).
+    keep_duplicates
+        Let every gene that maps to an already-taken token keep that token id, so several
+        columns share it (they are still listed in ``duplicated``). Geneformer's tokenizer
+        sums the counts of such columns, as the official code collapses duplicate Ensembl IDs.
 
     Returns
     -------
@@ -182,7 +190,13 @@ def match_genes(
     dup = np.zeros(n_genes, dtype=bool)
     dup[found] = pd.Index(token_ids[found]).duplicated(keep="first")
     duplicated = display[dup].tolist()
-    if duplicated:
+    if duplicated and keep_duplicates:
+        logger.info(
+            "%d gene(s) share a vocabulary token with an earlier gene (e.g. %s); they keep it.",
+            len(duplicated),
+            ", ".join(duplicated[:5]),
+        )
+    elif duplicated:
         warnings.warn(
             f"{len(duplicated)} gene(s) map to a vocabulary token already taken by an earlier "
             f"gene and are ignored (e.g. {', '.join(duplicated[:5])}). The first gene with each "

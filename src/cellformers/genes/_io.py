@@ -1,0 +1,139 @@
+"""Read gene dictionaries (token ids, gene medians, name maps) without running pickled code.
+
+Geneformer publishes its dictionaries as Python pickles whose values are NumPy scalars
+(``numpy.int16`` token ids, ``numpy.float64`` medians). :func:`read_gene_dict` reads them with
+a restricted unpickler that can rebuild NumPy scalars and nothing else, so a tampered file
+cannot execute code; JSON files with the same ``{key: value}`` content are read as well.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+#: Globals a dictionary pickle may name: NumPy's scalar constructor (under its NumPy 1 and
+#: NumPy 2 module paths) and :class:`numpy.dtype`.
+_SCALAR_PATHS = (("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"))
+_DTYPE_PATH = ("numpy", "dtype")
+
+
+def _scalar_constructor():
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # NumPy 1.x
+        from numpy.core.multiarray import scalar
+    return scalar
+
+
+def _safe_dtype(*args):
+    """:class:`numpy.dtype`, refusing object dtypes (which could smuggle in arbitrary objects)."""
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError("Refusing to unpickle an object dtype in a gene dictionary.")
+    return dtype
+
+
+def _safe_scalar(dtype, *args):
+    """NumPy's scalar constructor restricted to plain (non-object) dtypes."""
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise pickle.UnpicklingError(
+            "Refusing to unpickle a NumPy scalar that is not a plain number in a gene dictionary."
+        )
+    return _scalar_constructor()(dtype, *args)
+
+
+class _NumpyScalarUnpickler(pickle.Unpickler):
+    """Unpickler that only admits the globals needed to rebuild NumPy number scalars."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _SCALAR_PATHS:
+            return _safe_scalar
+        if (module, name) == _DTYPE_PATH:
+            return _safe_dtype
+        raise pickle.UnpicklingError(
+            f"Refusing to load {module}.{name}: a gene dictionary pickle may only contain "
+            "strings, numbers and NumPy number scalars. The file is not a plain dictionary (it "
+            "may be corrupt or tampered with); obtain it again from the official source."
+        )
+
+
+def _plain(value, key, path: Path):
+    """Convert a dictionary value to a plain Python ``int``, ``float`` or ``str``."""
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        return float(value)
+    if isinstance(value, str):
+        return value
+    raise ValueError(
+        f"{path.name}: the value of {key!r} is a {type(value).__name__}; gene dictionaries "
+        "must map names to numbers or strings."
+    )
+
+
+def read_gene_dict(path: str | os.PathLike) -> dict:
+    """Read a gene dictionary from a pickle or JSON file, safely.
+
+    Pickles (``.pkl``, ``.pickle``, or any suffix other than ``.json``) are read with a
+    restricted unpickler that rebuilds only built-in containers, strings, numbers and NumPy
+    number scalars; any other global (a class or a function such as ``os.system``) is refused
+    with a :class:`pickle.UnpicklingError` before anything runs. This reads the official
+    Geneformer files (``token_dictionary``, ``gene_median_dictionary``, ``gene_name_id_dict``,
+    ``ensembl_mapping_dict``). ``.json`` files must hold one ``{key: value}`` object.
+
+    Parameters
+    ----------
+    path
+        The file to read.
+
+    Returns
+    -------
+    The dictionary, with ``str`` keys and plain Python values: NumPy integers (e.g. the
+    ``int16`` token ids of Geneformer V1) become ``int``, NumPy floats become ``float``.
+
+    Examples
+    --------
+    >>> import cellformers as cf
+    >>> paths = cf.data.geneformer_v1_dictionaries()  # doctest: +SKIP
+    >>> tokens = cf.genes.read_gene_dict(paths["token_dictionary"])  # doctest: +SKIP
+    >>> tokens["<pad>"], tokens["ENSG00000000003"]  # doctest: +SKIP
+    (0, 2)
+
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Gene dictionary {str(path)!r} does not exist.")
+    raw = path.read_bytes()
+    if path.suffix.lower() == ".json":
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path.name} is not valid JSON: {err}") from err
+    else:
+        try:
+            obj = _NumpyScalarUnpickler(io.BytesIO(raw)).load()
+        except pickle.UnpicklingError:
+            raise
+        except Exception as err:  # truncated or non-pickle content
+            raise pickle.UnpicklingError(
+                f"{path.name} could not be read as a pickled dictionary ({type(err).__name__}: "
+                f"{err}). Pass a .pkl file as published, or a .json file with a .json suffix."
+            ) from err
+    if not isinstance(obj, dict):
+        raise ValueError(
+            f"{path.name} holds a {type(obj).__name__}, not a dictionary of gene names."
+        )
+    bad = [k for k in obj if not isinstance(k, str)]
+    if bad:
+        raise ValueError(
+            f"{path.name}: dictionary keys must be strings (gene names or IDs); found "
+            f"{len(bad)} other key(s), e.g. {bad[:3]!r}."
+        )
+    return {k: _plain(v, k, path) for k, v in obj.items()}

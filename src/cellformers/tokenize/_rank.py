@@ -1,0 +1,578 @@
+"""Geneformer tokenizer: rank-value encoding of each cell's genes (vectorised on CSR batches).
+
+Geneformer orders a cell's detected genes by ``count / n_counts * 10_000 / median``, where
+``median`` is the gene's non-zero median over the pretraining corpus, and feeds the ranked gene
+tokens (highest first) to a BERT encoder. :func:`tokenize_geneformer` does this for a whole CSR
+batch at once: columns that share a token are summed (the official collapse of duplicate
+Ensembl IDs), values are computed in float64 exactly as the official ``TranscriptomeTokenizer``
+computes them, and the top genes of every cell are selected and ordered with one top-k call on
+integer keys that encode the values' bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from ._utils import check_values, csr_rows
+
+TieBreak = Literal["deterministic", "official"]
+
+#: Scale of Geneformer's normalisation (counts per 10,000).
+TARGET_SUM = 10_000.0
+
+# Padded key matrices are processed in row blocks of at most this many entries (8 bytes each).
+_BLOCK_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class GeneformerTokens:
+    """A padded batch of Geneformer input sequences.
+
+    Attributes
+    ----------
+    input_ids
+        ``int64`` token ids, ``[n_cells, L]``: the cell's genes by descending normalised
+        expression (with ``<cls>`` first and ``<eos>`` last when special tokens are used), then
+        ``pad_id``. ``L`` is the longest sequence of the batch.
+    lengths
+        ``int64`` number of real tokens of each cell, ``<cls>``/``<eos>`` included.
+    n_genes
+        ``int64`` number of the cell's detected vocabulary genes before truncation; ``0`` marks
+        an empty cell (no vocabulary gene with counts), which the official tokenizer drops.
+
+    """
+
+    input_ids: np.ndarray
+    lengths: np.ndarray
+    n_genes: np.ndarray
+
+    @property
+    def attention_mask(self) -> np.ndarray:
+        """``int64`` ``[n_cells, L]``: 1 at real tokens, 0 at padding (Hugging Face layout)."""
+        return (~self.padding_mask).astype(np.int64)
+
+    @property
+    def padding_mask(self) -> np.ndarray:
+        """Boolean ``[n_cells, L]``, `True` at padded positions."""
+        return np.arange(self.input_ids.shape[1])[None, :] >= self.lengths[:, None]
+
+    @property
+    def empty(self) -> np.ndarray:
+        """Boolean mask of the cells without any detected vocabulary gene."""
+        return self.n_genes == 0
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+class _Collapsed(NamedTuple):
+    """Detected vocabulary genes of a batch after summing columns that share a token.
+
+    ``rows`` is non-decreasing; within a row the elements are in the official column order:
+    genes whose token has a single column in input column order, then the tokens shared by
+    several columns, ordered by the first column that holds each.
+    """
+
+    rows: np.ndarray  # int64 row of each element
+    cols: np.ndarray  # int64 compact column: rank of the token among `tokens`
+    x: np.ndarray  # float64 (summed) count
+    indptr: np.ndarray  # int64 row pointer into the element arrays
+    tokens: np.ndarray  # int64 sorted distinct token ids of the columns
+    n_counts: np.ndarray  # float64 per-cell total counts
+
+
+# ----------------------------------------------------------------------------- checks
+def _check_max_len(max_len: int, special_tokens: bool) -> int:
+    low = 3 if special_tokens else 1
+    if isinstance(max_len, bool) or not isinstance(max_len, int | np.integer) or max_len < low:
+        what = "<cls>, <eos> and at least one gene" if special_tokens else "at least one gene"
+        raise ValueError(f"max_len must be an integer >= {low} ({what}), got {max_len!r}.")
+    return int(max_len)
+
+
+def _check_gene_ids(gene_ids, n_cols: int, vocab_size: int | None = None) -> np.ndarray:
+    gene_ids = np.asarray(gene_ids)
+    if gene_ids.ndim != 1 or gene_ids.shape[0] != n_cols:
+        raise ValueError(
+            f"gene_ids must have one entry per column of X ({n_cols}), got shape "
+            f"{gene_ids.shape}. Pass `match_genes(ensembl_ids, vocab, keep_duplicates=True)"
+            ".token_ids`."
+        )
+    if gene_ids.size and not np.issubdtype(gene_ids.dtype, np.integer):
+        raise ValueError(
+            f"gene_ids must be integers (-1 = not in vocabulary), got {gene_ids.dtype}."
+        )
+    gene_ids = gene_ids.astype(np.int64)
+    if gene_ids.size and gene_ids.min() < -1:
+        raise ValueError(
+            "gene_ids must be token ids >= 0, or -1 for columns outside the vocabulary."
+        )
+    if vocab_size is not None and gene_ids.size and gene_ids.max() >= vocab_size:
+        raise ValueError(
+            f"gene_ids holds token id {int(gene_ids.max())}, but `medians` has only {vocab_size} "
+            "entries (one per token id)."
+        )
+    return gene_ids
+
+
+def _check_medians(medians, tokens: np.ndarray) -> np.ndarray:
+    medians = np.asarray(medians)
+    if medians.ndim != 1 or not np.issubdtype(medians.dtype, np.number):
+        raise ValueError(
+            "medians must be a 1-D numeric array indexed by token id (NaN or 0 for special "
+            f"tokens), got shape {medians.shape} and dtype {medians.dtype}."
+        )
+    used = medians[tokens].astype(np.float64)
+    bad = ~(np.isfinite(used) & (used > 0))
+    if bad.any():
+        raise ValueError(
+            f"{int(bad.sum())} token(s) used by gene_ids have no positive finite gene median "
+            f"(token ids {tokens[bad][:5].tolist()}, medians {used[bad][:5].tolist()}). Special "
+            "tokens and genes without a median cannot be columns: set their gene_ids to -1."
+        )
+    return medians.astype(np.float64)
+
+
+def _check_tie_break(tie_break: str) -> None:
+    if tie_break not in ("deterministic", "official"):
+        raise ValueError(f"tie_break must be 'deterministic' or 'official', got {tie_break!r}.")
+
+
+def _as_csr(X) -> sp.csr_matrix:
+    """CSR view of ``X`` (a canonical copy only when needed; the input is never modified)."""
+    if np.ndim(X) != 2:
+        raise ValueError(f"X must be a 2-D cells × genes matrix, got shape {np.shape(X)}.")
+    if sp.issparse(X):
+        X = sp.csr_matrix(X)
+        if not X.has_canonical_format:
+            X = X.copy()
+            X.sum_duplicates()
+        return X
+    arr = np.asarray(X)
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise ValueError(f"X must hold real numbers, got dtype {arr.dtype}.")
+    return sp.csr_matrix(arr)
+
+
+def _check_integer(x: np.ndarray) -> None:
+    frac = x != np.floor(x)
+    if frac.any():
+        bad = x[frac][:3]
+        raise ValueError(
+            f"X contains {int(frac.sum())} non-integer value(s) among the vocabulary genes (e.g. "
+            f"{', '.join(f'{b:g}' for b in bad)}). Geneformer ranks genes by raw counts "
+            "normalised per cell: pass raw counts (e.g. `layer='counts'`), or set "
+            "require_integer=False for count-like values such as ambient-corrected counts."
+        )
+
+
+def _row_sums(values: np.ndarray, indptr: np.ndarray) -> np.ndarray:
+    """float64 sum of each CSR row (0 for empty rows)."""
+    n_rows = len(indptr) - 1
+    out = np.zeros(n_rows, dtype=np.float64)
+    nonempty = np.flatnonzero(np.diff(indptr) > 0)
+    if len(nonempty):
+        out[nonempty] = np.add.reduceat(
+            values.astype(np.float64, copy=False), indptr[:-1][nonempty]
+        )
+    return out
+
+
+def _check_n_counts(n_counts, n_cells: int, vocab_sums: np.ndarray) -> np.ndarray:
+    n_counts = np.asarray(n_counts)
+    if n_counts.ndim == 2 and 1 in n_counts.shape:
+        n_counts = n_counts.reshape(-1)
+    if n_counts.shape != (n_cells,):
+        raise ValueError(
+            f"n_counts must hold one total per cell ({n_cells}), got shape {n_counts.shape}."
+        )
+    if not np.issubdtype(n_counts.dtype, np.number):
+        raise ValueError(f"n_counts must be numeric, got dtype {n_counts.dtype}.")
+    n_counts = n_counts.astype(np.float64)
+    detected = vocab_sums > 0
+    bad = ~np.isfinite(n_counts) | (n_counts < 0) | (detected & (n_counts <= 0))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"n_counts must be finite and positive for cells with counts; cell {i} has "
+            f"n_counts={n_counts[i]:g} ({int(bad.sum())} such cell(s))."
+        )
+    # The total over all genes cannot be below the counts of the vocabulary genes alone.
+    low = n_counts < vocab_sums * (1 - 1e-6)
+    if low.any():
+        i = int(np.flatnonzero(low)[0])
+        raise ValueError(
+            f"n_counts is smaller than the cell's counts in the vocabulary genes for "
+            f"{int(low.sum())} cell(s) (cell {i}: n_counts={n_counts[i]:g}, vocabulary genes "
+            f"sum to {vocab_sums[i]:g}). n_counts must be the total raw counts of each cell "
+            "over all genes (e.g. `adata.obs['n_counts']` computed on the full count matrix)."
+        )
+    return n_counts
+
+
+# ----------------------------------------------------------------------------- collapse
+def _collapse(
+    X, gene_ids, n_counts, *, require_integer: bool, vocab_size: int | None = None
+) -> _Collapsed:
+    """Select the detected vocabulary genes of every cell and sum columns sharing a token."""
+    X = _as_csr(X)
+    n_cells, n_cols = X.shape
+    gene_ids = _check_gene_ids(gene_ids, n_cols, vocab_size)
+    data = X.data
+    check_values(data)
+    indptr = X.indptr.astype(np.int64, copy=False)
+
+    used = gene_ids >= 0
+    tokens, compact, n_cols_per_token = np.unique(
+        gene_ids[used], return_inverse=True, return_counts=True
+    )
+    col_of = np.full(n_cols, -1, dtype=np.int64)
+    col_of[used] = compact
+    elem_col = col_of[X.indices]
+    keep = elem_col >= 0
+    if data.size and not data.all():  # explicitly stored zeros are not detected genes
+        keep &= data != 0
+    kept_before = np.zeros(len(keep) + 1, dtype=np.int64)
+    np.cumsum(keep, out=kept_before[1:])
+    new_indptr = kept_before[indptr]
+    cols = elem_col[keep]
+    x = data[keep].astype(np.float64)
+    if require_integer and x.size:
+        _check_integer(x)
+
+    if n_counts is None:
+        n_counts = _row_sums(data, indptr)
+    vocab_sums = _row_sums(x, new_indptr)
+    n_counts = _check_n_counts(n_counts, n_cells, vocab_sums)
+
+    rows = csr_rows(new_indptr)
+    shared_token = n_cols_per_token > 1
+    if shared_token.any():
+        rows, cols, x, new_indptr = _sum_shared(
+            rows, cols, x, n_cells, shared_token, col_of, gene_ids
+        )
+    return _Collapsed(rows, cols, x, new_indptr, tokens, n_counts)
+
+
+def _sum_shared(rows, cols, x, n_cells, shared_token, col_of, gene_ids):
+    """Sum the counts of columns that share a token; put the sums after the other genes.
+
+    The summed tokens of a cell follow its other genes, ordered by the first column that holds
+    each token: the column order of the official tokenizer after collapsing duplicate IDs.
+    """
+    # Rank of each shared token by its first column.
+    n_compact = len(shared_token)
+    first_col = np.full(n_compact, np.iinfo(np.int64).max, dtype=np.int64)
+    matched_cols = np.flatnonzero(col_of >= 0)
+    np.minimum.at(first_col, col_of[matched_cols], matched_cols)
+    shared_ids = np.flatnonzero(shared_token)
+    shared_ids = shared_ids[np.argsort(first_col[shared_ids], kind="stable")]
+    rank = np.full(n_compact, -1, dtype=np.int64)
+    rank[shared_ids] = np.arange(len(shared_ids), dtype=np.int64)
+
+    is_shared = shared_token[cols]
+    r_s, k_s, x_s = rows[is_shared], rank[cols[is_shared]], x[is_shared]
+    pair, inverse = np.unique(r_s * len(shared_ids) + k_s, return_inverse=True)
+    summed = np.bincount(inverse, weights=x_s, minlength=len(pair))
+    s_rows = pair // len(shared_ids)
+    s_cols = shared_ids[pair % len(shared_ids)]
+
+    keep = ~is_shared
+    u_rows, u_cols, u_x = rows[keep], cols[keep], x[keep]
+    n_u = np.bincount(u_rows, minlength=n_cells)
+    n_s = np.bincount(s_rows, minlength=n_cells)
+    indptr = np.zeros(n_cells + 1, dtype=np.int64)
+    np.cumsum(n_u + n_s, out=indptr[1:])
+    u_start = np.concatenate(([0], np.cumsum(n_u)[:-1]))
+    s_start = np.concatenate(([0], np.cumsum(n_s)[:-1]))
+    u_pos = indptr[:-1][u_rows] + np.arange(len(u_rows)) - u_start[u_rows]
+    s_pos = indptr[:-1][s_rows] + n_u[s_rows] + np.arange(len(s_rows)) - s_start[s_rows]
+    total = int(indptr[-1])
+    out_rows = np.empty(total, dtype=np.int64)
+    out_cols = np.empty(total, dtype=np.int64)
+    out_x = np.empty(total, dtype=np.float64)
+    out_rows[u_pos], out_cols[u_pos], out_x[u_pos] = u_rows, u_cols, u_x
+    out_rows[s_pos], out_cols[s_pos], out_x[s_pos] = s_rows, s_cols, summed
+    return out_rows, out_cols, out_x, indptr
+
+
+def _values(c: _Collapsed, medians: np.ndarray) -> np.ndarray:
+    """Geneformer's normalised value of every element, bit for bit as the official code.
+
+    The official ``X / n_counts[:, None] * 10_000 / medians`` on a SciPy CSR matrix evaluates
+    (SciPy >= 1.11) as multiplications by the reciprocals: ``x * (1 / n) * 10_000 * (1 / m)``,
+    all in float64.
+    """
+    with np.errstate(divide="ignore"):
+        inv_n = np.divide(1.0, c.n_counts)
+    inv_m = np.divide(1.0, medians[c.tokens])
+    v = c.x * inv_n[c.rows]
+    v *= TARGET_SUM
+    v *= inv_m[c.cols]
+    return v
+
+
+# ----------------------------------------------------------------------------- ranking
+def _rank_deterministic(c: _Collapsed, v: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top ``k`` compact columns of every row by descending value, ties by ascending token.
+
+    Values are positive float64, whose bit patterns sort like the values, so the keys are the
+    bit patterns themselves (exact). Rows are padded into blocks and ranked with one
+    :func:`torch.topk` call per block; exact ties (rare) are then ordered by token.
+
+    Returns
+    -------
+    ``[n_cells, min(k, longest)]`` compact columns (``-1`` at padding) and the kept count of
+    every row.
+
+    """
+    n_cells = len(c.indptr) - 1
+    counts = np.diff(c.indptr)
+    kept = np.minimum(counts, k)
+    width = int(kept.max(initial=0))
+    out = np.full((n_cells, width), -1, dtype=np.int64)
+    if width == 0:
+        return out, kept
+    keys = v.view(np.int64)
+    longest = int(counts.max())
+    block = max(1, _BLOCK_ELEMENTS // longest)
+    boundary_rows = []
+    for lo in range(0, n_cells, block):
+        hi = min(n_cells, lo + block)
+        start, stop = int(c.indptr[lo]), int(c.indptr[hi])
+        if start == stop:
+            continue
+        b_counts = counts[lo:hi]
+        b_width = int(b_counts.max())
+        b_rows = c.rows[start:stop] - lo
+        pos = np.arange(start, stop, dtype=np.int64) - c.indptr[lo:hi][b_rows]
+        padded = np.full((hi - lo, b_width), -1, dtype=np.int64)
+        padded[b_rows, pos] = keys[start:stop]
+        k_b = min(k + 1, b_width)  # one more than kept, to see ties across the cut
+        top_keys, top_pos = torch.topk(torch.from_numpy(padded), k_b, dim=1, sorted=True)
+        top_keys, top_pos = top_keys.numpy(), top_pos.numpy()
+        elem = c.indptr[lo:hi][:, None] + top_pos
+        valid = top_pos < b_counts[:, None]
+        b_cols = np.where(valid, c.cols[np.where(valid, elem, 0)], -1)
+        b_cols = _order_ties(top_keys, b_cols, valid)
+        k_out = min(k, b_width)
+        out[lo:hi, :k_out] = b_cols[:, :k_out]
+        if k_b > k:  # a tie group cut by the truncation: its smallest tokens must be kept
+            cut = np.flatnonzero((b_counts > k) & (top_keys[:, k - 1] == top_keys[:, k]))
+            boundary_rows.extend((lo + cut).tolist())
+    for i in boundary_rows:  # rare: exact per-row order
+        s, e = int(c.indptr[i]), int(c.indptr[i + 1])
+        order = np.lexsort((c.cols[s:e], -v[s:e]))[:k]
+        out[i, :k] = c.cols[s:e][order]
+    return out, kept
+
+
+def _order_ties(keys: np.ndarray, cols: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Within runs of equal keys in each row, order the columns ascending."""
+    eq = (keys[:, 1:] == keys[:, :-1]) & valid[:, 1:]
+    if not eq.any():
+        return cols
+    in_tie = np.zeros(keys.shape, dtype=bool)
+    in_tie[:, 1:] |= eq
+    in_tie[:, :-1] |= eq
+    r, p = np.nonzero(in_tie)
+    starts = np.ones(len(r), dtype=bool)
+    starts[1:] = ~((r[1:] == r[:-1]) & eq[r[1:], np.maximum(p[1:] - 1, 0)] & (p[1:] > 0))
+    group = np.cumsum(starts)
+    order = np.lexsort((cols[r, p], group))
+    cols = cols.copy()
+    cols[r, p] = cols[r[order], p[order]]
+    return cols
+
+
+def _rank_official(c: _Collapsed, v: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cell ``np.argsort(-values)`` on the official column order (slow path)."""
+    n_cells = len(c.indptr) - 1
+    counts = np.diff(c.indptr)
+    kept = np.minimum(counts, k)
+    out = np.full((n_cells, int(kept.max(initial=0))), -1, dtype=np.int64)
+    for i in range(n_cells):
+        s, e = int(c.indptr[i]), int(c.indptr[i + 1])
+        if s == e:
+            continue
+        order = np.argsort(-v[s:e])  # numpy's default (unstable) sort, as the official code
+        out[i, : kept[i]] = c.cols[s:e][order[: kept[i]]]
+    return out, kept
+
+
+# ----------------------------------------------------------------------------- public API
+def geneformer_sequence_lengths(
+    X,
+    gene_ids: np.ndarray,
+    *,
+    max_len: int = 2048,
+    special_tokens: bool = False,
+) -> np.ndarray:
+    """Count the tokens that :func:`tokenize_geneformer` gives each cell.
+
+    Cheap (no ranking): use it to bucket cells of similar length into batches.
+
+    Parameters
+    ----------
+    X
+        Cells × genes counts (all the columns that `gene_ids` describes).
+    gene_ids
+        Token id of every column, ``-1`` outside the vocabulary; columns may share a token.
+    max_len
+        Longest sequence, special tokens included (V1: 2048, V2: 4096).
+    special_tokens
+        Count ``<cls>`` and ``<eos>`` (Geneformer V2).
+
+    Returns
+    -------
+    ``int64`` array with one length per cell: ``min(n, max_len)`` for ``n`` detected
+    vocabulary genes, or ``min(n, max_len - 2) + 2`` with special tokens.
+
+    """
+    max_len = _check_max_len(max_len, special_tokens)
+    X = _as_csr(X)
+    gene_ids = _check_gene_ids(gene_ids, X.shape[1])
+    check_values(X.data)
+    used = gene_ids >= 0
+    tokens, compact = np.unique(gene_ids[used], return_inverse=True)
+    col_of = np.full(X.shape[1], -1, dtype=np.int64)
+    col_of[used] = compact
+    elem_col = col_of[X.indices]
+    mask = (elem_col >= 0) & (X.data != 0)
+    rows = csr_rows(X.indptr)[mask]
+    if len(tokens) < used.sum():  # shared tokens: count distinct (row, token) pairs
+        n = np.bincount(
+            np.unique(rows * len(tokens) + elem_col[mask]) // max(len(tokens), 1),
+            minlength=X.shape[0],
+        )
+    else:
+        n = np.bincount(rows, minlength=X.shape[0])
+    n = n.astype(np.int64)
+    if special_tokens:
+        return np.minimum(n, max_len - 2) + 2
+    return np.minimum(n, max_len)
+
+
+def tokenize_geneformer(
+    X,
+    gene_ids: np.ndarray,
+    medians: np.ndarray,
+    *,
+    n_counts: np.ndarray | None = None,
+    max_len: int = 2048,
+    pad_id: int = 0,
+    cls_id: int | None = None,
+    eos_id: int | None = None,
+    tie_break: TieBreak = "deterministic",
+    require_integer: bool = True,
+) -> GeneformerTokens:
+    """Turn a batch of cells into padded Geneformer rank-value token sequences.
+
+    Steps, vectorised over the batch (no loop over cells with the default `tie_break`):
+
+    1. keep the columns with a token (``gene_ids >= 0``); columns that share a token have their
+       counts summed per cell, as the official tokenizer collapses duplicate Ensembl IDs;
+    2. normalise every detected gene: ``count / n_counts * 10_000 / median[token]`` in
+       float64, bit for bit as the official ``TranscriptomeTokenizer`` computes it on a CSR
+       matrix (SciPy evaluates the divisions as multiplications by reciprocals);
+    3. rank the cell's genes by descending value and keep the first `max_len` (Geneformer
+       V1), or ``<cls>`` + the first ``max_len - 2`` + ``<eos>`` when `cls_id` and `eos_id`
+       are given (V2);
+    4. pad to the longest cell of the batch with `pad_id`.
+
+    Genes with zero counts never appear. A cell without any detected vocabulary gene is kept
+    with ``n_genes == 0`` (length 0, or just ``<cls> <eos>``); the official tokenizer drops such
+    cells, so the caller decides what to do with them.
+
+    Parameters
+    ----------
+    X
+        Cells × genes raw counts (CSR preferred; other SciPy formats and dense arrays are
+        converted; the input is not modified). Values must be finite and non-negative.
+    gene_ids
+        Token id of every column (``match_genes(ids, vocab, keep_duplicates=True).token_ids``),
+        ``-1`` for columns outside the vocabulary. Several columns may share a token.
+    medians
+        float64 gene non-zero medians indexed by token id (length = vocabulary size; NaN or 0
+        for special tokens, which must not appear in `gene_ids`).
+    n_counts
+        Total counts of every cell over **all** its genes, those outside the vocabulary
+        included (the official ``obs['n_counts']``). Default: the row sums of `X`, which equal
+        it when `X` holds all the cell's genes. Used as float64.
+    max_len
+        Longest sequence, special tokens included (V1: 2048; V2: 4096).
+    pad_id
+        Id of the padding token.
+    cls_id
+        Id of ``<cls>`` (V2); give both `cls_id` and `eos_id`, or neither (V1).
+    eos_id
+        Id of ``<eos>`` (V2).
+    tie_break
+        Order of genes with exactly equal values. ``"deterministic"`` (default): ascending
+        token id, so the output does not depend on the column order of `X`.
+        ``"official"``: NumPy's default (unstable) ``np.argsort(-values)`` of each cell on the
+        official column order after collapsing (genes with one column in column order, then
+        the summed shared tokens by first column), which reproduces the official token order
+        bit for bit. This path loops over cells in Python and is several times slower.
+    require_integer
+        Raise a :class:`ValueError` if the vocabulary genes hold non-integer values (the model
+        was trained on raw counts). Set to `False` for count-like non-integer data.
+
+    Returns
+    -------
+    Token ids, lengths and detected-gene counts of the padded batch.
+
+    Notes
+    -----
+    Official quirks not reproduced: the official code does not collapse a column whose
+    Ensembl ID appears twice verbatim (it then emits the token twice); here columns sharing a
+    token are always summed. Official values are float32-rounded when ``obs['n_counts']`` is
+    float32, and computed with true divisions for dense ``X`` or SciPy < 1.11; either can
+    reorder genes whose values agree to the last bits.
+
+    Examples
+    --------
+    >>> import numpy as np, scipy.sparse as sp
+    >>> X = sp.csr_matrix(np.array([[3.0, 0.0, 1.0, 5.0], [0.0, 1.0, 0.0, 2.0]]))
+    >>> gene_ids = np.array([2, 3, 4, -1])  # the last column is not in the vocabulary
+    >>> medians = np.array([np.nan, np.nan, 1.0, 1.0, 0.5])  # by token id; 0, 1 are specials
+    >>> tok = tokenize_geneformer(X, gene_ids, medians)
+    >>> tok.input_ids
+    array([[2, 4],
+           [3, 0]])
+    >>> tok.lengths, tok.n_genes
+    (array([2, 1]), array([2, 1]))
+
+    """
+    _check_tie_break(tie_break)
+    special = cls_id is not None or eos_id is not None
+    if special and (cls_id is None or eos_id is None):
+        raise ValueError("Give both cls_id and eos_id (Geneformer V2), or neither (V1).")
+    max_len = _check_max_len(max_len, special)
+    medians = np.asarray(medians)
+    vocab_size = medians.shape[0] if medians.ndim == 1 else None
+    c = _collapse(X, gene_ids, n_counts, require_integer=require_integer, vocab_size=vocab_size)
+    medians = _check_medians(medians, c.tokens)
+    v = _values(c, medians)
+    k = max_len - 2 if special else max_len
+    rank = _rank_official if tie_break == "official" else _rank_deterministic
+    ranked, kept = rank(c, v, k)
+
+    n_cells = ranked.shape[0]
+    n_genes = np.diff(c.indptr).astype(np.int64)
+    offset = 1 if special else 0
+    lengths = kept + 2 * offset
+    width = int(lengths.max(initial=0))
+    input_ids = np.full((n_cells, width), pad_id, dtype=np.int64)
+    real = ranked >= 0
+    body = input_ids[:, offset : offset + ranked.shape[1]]
+    body[real] = c.tokens[ranked[real]]
+    if special:
+        input_ids[:, 0] = cls_id
+        input_ids[np.arange(n_cells), lengths - 1] = eos_id
+    return GeneformerTokens(input_ids=input_ids, lengths=lengths.astype(np.int64), n_genes=n_genes)
