@@ -499,9 +499,12 @@ def _explain(
         elif key == "bert.embeddings.position_embeddings.weight":
             add(f"{key}: max_position_embeddings differs from the checkpoint")
         elif key.startswith("classifier."):
-            add(f"{key}: n_labels differs from the checkpoint")
-        elif "intermediate" in key or ".output.dense.weight" in key:
-            add(f"{key}: intermediate_size or hidden_size differs from the checkpoint")
+            add("classifier.*: n_labels differs from the checkpoint")
+        elif "intermediate.dense" in key or ".output.dense.weight" in key:
+            add(
+                "encoder feed-forward weights: intermediate_size (or hidden_size) differs from "
+                "the checkpoint (use its config.json)"
+            )
     if mismatched and not hints:
         add("shape mismatches: hidden_size differs from the checkpoint (use its config.json)")
     return hints
