@@ -138,10 +138,13 @@ def test_batch_and_order_invariance():
 
 
 def test_input_checks():
-    m = _module()
+    m = _module().eval()
     ids, lengths = _batch([5, 3])
     with pytest.raises(ValueError, match=r"lengths must be in \[1, 5\]"):
         m.hidden_states(ids, torch.tensor([5, 0]))
+    assert torch.equal(
+        m.hidden_states(ids, lengths[:, None].float()), m.hidden_states(ids, lengths)
+    )
     with pytest.raises(ValueError, match=r"lengths must have shape \(2,\)"):
         m.hidden_states(ids, torch.tensor([5]))
     with pytest.raises(ValueError, match="max_position_embeddings"):

@@ -276,16 +276,26 @@ class GeneformerModule(BaseModuleClass):
         self._objective = value
 
     # ------------------------------------------------------------------ encoding
-    def _padding_mask(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _lengths(input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Lengths as int64 ``[batch]`` on the device of ``input_ids`` (``[batch, 1]`` accepted)."""
         if input_ids.dim() != 2:
             raise ValueError(
                 f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}."
             )
-        batch, length = input_ids.shape
+        batch = input_ids.shape[0]
+        lengths = torch.as_tensor(lengths, device=input_ids.device)
+        if lengths.shape == (batch, 1):
+            lengths = lengths[:, 0]
         if lengths.shape != (batch,):
             raise ValueError(
                 f"lengths must have shape ({batch},) (one per cell), got {tuple(lengths.shape)}."
             )
+        return lengths.long()
+
+    def _padding_mask(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        lengths = self._lengths(input_ids, lengths)
+        batch, length = input_ids.shape
         if length > self.max_position_embeddings:
             raise ValueError(
                 f"Inputs of length {length} exceed max_position_embeddings "
@@ -302,7 +312,7 @@ class GeneformerModule(BaseModuleClass):
                 f"[{int(input_ids.min())}, {int(input_ids.max())}]."
             )
         positions = torch.arange(length, device=input_ids.device)
-        return positions[None, :] >= lengths.to(input_ids.device)[:, None]
+        return positions[None, :] >= lengths[:, None]
 
     def _encode(
         self,
@@ -344,7 +354,7 @@ class GeneformerModule(BaseModuleClass):
         input_ids
             Token ids ``[batch, length]``, right-padded.
         lengths
-            Number of real tokens per cell ``[batch]`` (at least 1).
+            Number of real tokens per cell ``[batch]`` (or ``[batch, 1]``), at least 1.
         n_layers
             ``0`` is the embedding output, ``k`` the output of layer ``k``, `None` the last
             layer. Negative values index from the end like Python (``-1`` = last layer,
@@ -427,10 +437,11 @@ class GeneformerModule(BaseModuleClass):
 
         """
         input_ids = input_ids.long()
+        lengths = self._lengths(input_ids, lengths)
         shape, device = input_ids.shape, input_ids.device
         positions = torch.arange(shape[1], device=device)
         special = (
-            (positions[None, :] >= lengths.to(device)[:, None])
+            (positions[None, :] >= lengths[:, None])
             | (input_ids == self.pad_token_id)
             | (input_ids == self.mask_token_id)
         )
@@ -485,7 +496,7 @@ class GeneformerModule(BaseModuleClass):
 
         """
         input_ids = input_ids.long()
-        lengths = lengths.reshape(-1).long()
+        lengths = self._lengths(input_ids, lengths)
         if self.objective == "classification":
             first = self._encode(input_ids, lengths, n_queries=1)[:, 0]
             return {"first_token": first}
