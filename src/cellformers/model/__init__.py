@@ -1,6 +1,7 @@
 """Model classes: one scvi-tools model per foundation-model family."""
 
 from ._base import FoundationModelBase
+from ._geneformer import Geneformer
 from ._scgpt import SCGPT
 
-__all__ = ["SCGPT", "FoundationModelBase"]
+__all__ = ["SCGPT", "FoundationModelBase", "Geneformer"]
