@@ -15,7 +15,14 @@ from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
-from ..data import check_expression, check_setup_keys, check_unique, length_bucketed_batches, to_csr
+from ..data import (
+    TokenizingCollator,
+    check_expression,
+    check_setup_keys,
+    check_unique,
+    length_bucketed_batches,
+    to_csr,
+)
 from ..train import PretrainingPlan
 
 logger = logging.getLogger(__name__)
@@ -146,6 +153,31 @@ class FoundationModelBase(UnsupervisedTrainingMixin, BaseModelClass):
         keyword arguments of the same names.
         """
         raise NotImplementedError
+
+    def _train_on_tokens(
+        self,
+        tokenize,
+        *,
+        max_epochs: int | None,
+        batch_size: int,
+        plan_kwargs: dict,
+        datasplitter_kwargs: dict | None,
+        **kwargs,
+    ):
+        """Train through scvi-tools with minibatches tokenized on the fly by ``tokenize``."""
+        datasplitter_kwargs = {
+            "collate_fn": TokenizingCollator(tokenize),
+            **(datasplitter_kwargs or {}),
+        }
+        return UnsupervisedTrainingMixin.train(
+            self,
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            load_sparse_tensor=True,
+            plan_kwargs=plan_kwargs,
+            datasplitter_kwargs=datasplitter_kwargs,
+            **kwargs,
+        )
 
     def _iter_token_batches(
         self,

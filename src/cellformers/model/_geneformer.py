@@ -19,7 +19,7 @@ from scvi import REGISTRY_KEYS
 from scvi.data.fields import NumericalObsField
 from scvi.utils import setup_anndata_dsp
 
-from ..data import TokenizingCollator, geneformer_v1_dictionaries
+from ..data import geneformer_v1_dictionaries
 from ..genes import GeneVocab, match_genes, read_gene_dict
 from ..module import GeneformerModule
 from ..pretrained import (
@@ -585,17 +585,18 @@ class Geneformer(FoundationModelBase):
             )
         self._check_no_empty_cells(self.adata, np.arange(self.adata.n_obs))
         lr = (1e-3 if mode == "pretrain" else 5e-5) if lr is None else lr
-        tokenize = self._tokenizer(self.adata)
-        datasplitter_kwargs = {
-            "collate_fn": TokenizingCollator(tokenize),
-            **(datasplitter_kwargs or {}),
-        }
         plan_kwargs = {
             "lr": lr,
             "weight_decay": weight_decay,
             "warmup_ratio": warmup_ratio,
             **(plan_kwargs or {}),
         }
+        if (
+            kwargs.get("strategy") == "ddp"
+            and self.module.mlm_head is not None
+            and self.module.classifier is not None
+        ):
+            kwargs["strategy"] = "ddp_find_unused_parameters_true"  # one head idles per objective
         frozen = [
             p for layer in layers[:freeze_layers] for p in layer.parameters() if p.requires_grad
         ]
@@ -604,10 +605,10 @@ class Geneformer(FoundationModelBase):
         for p in frozen:
             p.requires_grad_(False)
         try:
-            result = super().train(
+            result = self._train_on_tokens(
+                self._tokenizer(self.adata),
                 max_epochs=max_epochs,
                 batch_size=batch_size,
-                load_sparse_tensor=True,
                 plan_kwargs=plan_kwargs,
                 datasplitter_kwargs=datasplitter_kwargs,
                 **kwargs,

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from anndata import AnnData
 from scvi.utils import setup_anndata_dsp
 
-from ..data import TokenizingCollator
 from ..genes import GeneVocab, match_genes
 from ..module import SCGPTModule
 from ..pretrained import load_scgpt_state_dict, read_scgpt_checkpoint
@@ -332,16 +331,11 @@ class SCGPT(FoundationModelBase):
             ``Trainer`` (``train_size``, ``early_stopping``, ``accelerator``, ``max_time`` …).
 
         """
-        tokenize = self._tokenizer(self.adata, random_truncation=True)
-        datasplitter_kwargs = {
-            "collate_fn": TokenizingCollator(tokenize),
-            **(datasplitter_kwargs or {}),
-        }
         plan_kwargs = {"lr": lr, "warmup_ratio": warmup_ratio, **(plan_kwargs or {})}
-        return super().train(
+        return self._train_on_tokens(
+            self._tokenizer(self.adata, random_truncation=True),
             max_epochs=max_epochs,
             batch_size=batch_size,
-            load_sparse_tensor=True,
             plan_kwargs=plan_kwargs,
             datasplitter_kwargs=datasplitter_kwargs,
             **kwargs,
