@@ -78,8 +78,8 @@ class _Collapsed(NamedTuple):
     several columns, ordered by the first column that holds each.
     """
 
-    rows: np.ndarray  # int64 row of each element
-    cols: np.ndarray  # int64 compact column: rank of the token among `tokens`
+    rows: np.ndarray  # integer row of each element
+    cols: np.ndarray  # integer compact column: rank of the token among `tokens`
     x: np.ndarray  # float64 (summed) count
     indptr: np.ndarray  # int64 row pointer into the element arrays
     tokens: np.ndarray  # int64 sorted distinct token ids of the columns
@@ -171,15 +171,13 @@ def _check_integer(x: np.ndarray) -> None:
         )
 
 
-def _row_sums(values: np.ndarray, indptr: np.ndarray) -> np.ndarray:
-    """float64 sum of each CSR row (0 for empty rows)."""
+def _segment_sums(values: np.ndarray, indptr: np.ndarray, dtype) -> np.ndarray:
+    """Sum of each CSR row segment of ``values`` in ``dtype`` (0 for empty rows)."""
     n_rows = len(indptr) - 1
-    out = np.zeros(n_rows, dtype=np.float64)
-    nonempty = np.flatnonzero(np.diff(indptr) > 0)
-    if len(nonempty):
-        out[nonempty] = np.add.reduceat(
-            values.astype(np.float64, copy=False), indptr[:-1][nonempty]
-        )
+    out = np.zeros(n_rows, dtype=dtype)
+    nonempty = indptr[1:] > indptr[:-1]
+    if nonempty.any():
+        out[nonempty] = np.add.reduceat(values[: indptr[-1]], indptr[:-1][nonempty], dtype=dtype)
     return out
 
 
@@ -223,43 +221,44 @@ def _collapse(
     X = _as_csr(X)
     n_cells, n_cols = X.shape
     gene_ids = _check_gene_ids(gene_ids, n_cols, vocab_size)
-    data = X.data
-    check_values(data)
     indptr = X.indptr.astype(np.int64, copy=False)
+    data = X.data[: indptr[-1]]
+    check_values(data)
 
     used = gene_ids >= 0
     tokens, compact, n_cols_per_token = np.unique(
         gene_ids[used], return_inverse=True, return_counts=True
     )
-    col_of = np.full(n_cols, -1, dtype=np.int64)
+    col_of = np.full(n_cols, -1, dtype=np.int32)
     col_of[used] = compact
-    elem_col = col_of[X.indices]
+    elem_col = col_of.take(X.indices[: indptr[-1]])
     keep = elem_col >= 0
     if data.size and not data.all():  # explicitly stored zeros are not detected genes
         keep &= data != 0
-    kept_before = np.zeros(len(keep) + 1, dtype=np.int64)
-    np.cumsum(keep, out=kept_before[1:])
-    new_indptr = kept_before[indptr]
-    cols = elem_col[keep]
-    x = data[keep].astype(np.float64)
-    if require_integer and x.size:
+    new_indptr = np.zeros(n_cells + 1, dtype=np.int64)
+    np.cumsum(_segment_sums(keep, indptr, np.int64), out=new_indptr[1:])
+    kept = np.flatnonzero(keep)
+    cols = elem_col.take(kept)
+    x = data.take(kept)
+    if require_integer and x.size and not np.issubdtype(x.dtype, np.integer):
         _check_integer(x)
+    x = x.astype(np.float64)
 
-    if n_counts is None:
-        n_counts = _row_sums(data, indptr)
-    vocab_sums = _row_sums(x, new_indptr)
+    if n_counts is None:  # the row sums over all columns: at least the vocabulary's counts
+        n_counts = _segment_sums(data, indptr, np.float64)
+        vocab_sums = np.zeros(n_cells)
+    else:
+        vocab_sums = _segment_sums(x, new_indptr, np.float64)
     n_counts = _check_n_counts(n_counts, n_cells, vocab_sums)
 
-    rows = csr_rows(new_indptr)
+    rows = np.repeat(np.arange(n_cells, dtype=np.int32), np.diff(new_indptr))
     shared_token = n_cols_per_token > 1
     if shared_token.any():
-        rows, cols, x, new_indptr = _sum_shared(
-            rows, cols, x, n_cells, shared_token, col_of, gene_ids
-        )
+        rows, cols, x, new_indptr = _sum_shared(rows, cols, x, n_cells, shared_token, col_of)
     return _Collapsed(rows, cols, x, new_indptr, tokens, n_counts)
 
 
-def _sum_shared(rows, cols, x, n_cells, shared_token, col_of, gene_ids):
+def _sum_shared(rows, cols, x, n_cells, shared_token, col_of):
     """Sum the counts of columns that share a token; put the sums after the other genes.
 
     The summed tokens of a cell follow its other genes, ordered by the first column that holds
@@ -275,6 +274,8 @@ def _sum_shared(rows, cols, x, n_cells, shared_token, col_of, gene_ids):
     rank = np.full(n_compact, -1, dtype=np.int64)
     rank[shared_ids] = np.arange(len(shared_ids), dtype=np.int64)
 
+    rows = rows.astype(np.int64)
+    cols = cols.astype(np.int64)
     is_shared = shared_token[cols]
     r_s, k_s, x_s = rows[is_shared], rank[cols[is_shared]], x[is_shared]
     pair, inverse = np.unique(r_s * len(shared_ids) + k_s, return_inverse=True)
@@ -311,69 +312,59 @@ def _values(c: _Collapsed, medians: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore"):
         inv_n = np.divide(1.0, c.n_counts)
     inv_m = np.divide(1.0, medians[c.tokens])
-    v = c.x * inv_n[c.rows]
+    v = c.x * np.repeat(inv_n, np.diff(c.indptr))  # rows are in CSR order
     v *= TARGET_SUM
-    v *= inv_m[c.cols]
+    v *= inv_m.take(c.cols)
     return v
 
 
 # ----------------------------------------------------------------------------- ranking
-def _rank_deterministic(c: _Collapsed, v: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top ``k`` compact columns of every row by descending value, ties by ascending token.
+def _rank_deterministic(c: _Collapsed, v: np.ndarray, k: int, out: np.ndarray) -> None:
+    """Write the top ``k`` tokens of every row into ``out``: descending value, ties by token.
 
     Values are positive float64, whose bit patterns sort like the values, so the keys are the
-    bit patterns themselves (exact). Rows are padded into blocks and ranked with one
-    :func:`torch.topk` call per block; exact ties (rare) are then ordered by token.
-
-    Returns
-    -------
-    ``[n_cells, min(k, longest)]`` compact columns (``-1`` at padding) and the kept count of
-    every row.
-
+    bit patterns themselves (exact). Blocks of rows are padded and ranked with one
+    :func:`torch.topk` call each; runs of exactly equal values (rare) are then ordered by
+    token id, and a tie run cut by the truncation is resolved row by row.
     """
-    n_cells = len(c.indptr) - 1
     counts = np.diff(c.indptr)
-    kept = np.minimum(counts, k)
-    width = int(kept.max(initial=0))
-    out = np.full((n_cells, width), -1, dtype=np.int64)
-    if width == 0:
-        return out, kept
+    longest = int(counts.max(initial=0))
+    if longest == 0:
+        return
     keys = v.view(np.int64)
-    longest = int(counts.max())
     block = max(1, _BLOCK_ELEMENTS // longest)
-    boundary_rows = []
-    for lo in range(0, n_cells, block):
-        hi = min(n_cells, lo + block)
-        start, stop = int(c.indptr[lo]), int(c.indptr[hi])
-        if start == stop:
-            continue
+    cut_rows = []
+    for lo in range(0, len(counts), block):
+        hi = min(len(counts), lo + block)
         b_counts = counts[lo:hi]
-        b_width = int(b_counts.max())
-        b_rows = c.rows[start:stop] - lo
-        pos = np.arange(start, stop, dtype=np.int64) - c.indptr[lo:hi][b_rows]
-        padded = np.full((hi - lo, b_width), -1, dtype=np.int64)
-        padded[b_rows, pos] = keys[start:stop]
-        k_b = min(k + 1, b_width)  # one more than kept, to see ties across the cut
+        width = int(b_counts.max())
+        if width == 0:
+            continue
+        b_starts = c.indptr[lo:hi]
+        start, stop = int(b_starts[0]), int(c.indptr[hi])
+        # Flat position in the padded block of every element of the block's rows.
+        shift = np.arange(hi - lo, dtype=np.int64) * width - b_starts
+        padded = np.full((hi - lo, width), -1, dtype=np.int64)
+        padded.ravel()[np.arange(start, stop) + np.repeat(shift, b_counts)] = keys[start:stop]
+        k_b = min(k + 1, width)  # one more than kept, to see ties across the cut
         top_keys, top_pos = torch.topk(torch.from_numpy(padded), k_b, dim=1, sorted=True)
         top_keys, top_pos = top_keys.numpy(), top_pos.numpy()
-        elem = c.indptr[lo:hi][:, None] + top_pos
         valid = top_pos < b_counts[:, None]
-        b_cols = np.where(valid, c.cols[np.where(valid, elem, 0)], -1)
-        b_cols = _order_ties(top_keys, b_cols, valid)
-        k_out = min(k, b_width)
-        out[lo:hi, :k_out] = b_cols[:, :k_out]
-        if k_b > k:  # a tie group cut by the truncation: its smallest tokens must be kept
-            cut = np.flatnonzero((b_counts > k) & (top_keys[:, k - 1] == top_keys[:, k]))
-            boundary_rows.extend((lo + cut).tolist())
-    for i in boundary_rows:  # rare: exact per-row order
+        top_tokens = c.tokens.take(c.cols.take(np.where(valid, b_starts[:, None] + top_pos, 0)))
+        top_tokens = _order_ties(top_keys, top_tokens, valid)
+        k_out = min(k, width)
+        out[lo:hi, :k_out] = np.where(valid[:, :k_out], top_tokens[:, :k_out], out[lo:hi, :k_out])
+        if k_b > k:  # a tie run cut by the truncation: its smallest tokens must be kept
+            cut = (b_counts > k) & (top_keys[:, k - 1] == top_keys[:, k])
+            cut_rows.extend((lo + np.flatnonzero(cut)).tolist())
+    for i in cut_rows:  # rare: exact order of the row
         s, e = int(c.indptr[i]), int(c.indptr[i + 1])
-        order = np.lexsort((c.cols[s:e], -v[s:e]))[:k]
-        out[i, :k] = c.cols[s:e][order]
-    return out, kept
+        tokens = c.tokens[c.cols[s:e]]
+        out[i, :k] = tokens[np.lexsort((tokens, -v[s:e]))[:k]]
 
 
 def _order_ties(keys: np.ndarray, cols: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Within runs of equal keys in each row, order the columns ascending."""
+    """Within runs of equal keys in each row, order ``cols`` (token ids) ascending."""
     eq = (keys[:, 1:] == keys[:, :-1]) & valid[:, 1:]
     if not eq.any():
         return cols
@@ -390,19 +381,15 @@ def _order_ties(keys: np.ndarray, cols: np.ndarray, valid: np.ndarray) -> np.nda
     return cols
 
 
-def _rank_official(c: _Collapsed, v: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _rank_official(c: _Collapsed, v: np.ndarray, k: int, out: np.ndarray) -> None:
     """Per-cell ``np.argsort(-values)`` on the official column order (slow path)."""
-    n_cells = len(c.indptr) - 1
-    counts = np.diff(c.indptr)
-    kept = np.minimum(counts, k)
-    out = np.full((n_cells, int(kept.max(initial=0))), -1, dtype=np.int64)
-    for i in range(n_cells):
+    elem_tokens = c.tokens[c.cols]
+    for i in range(len(c.indptr) - 1):
         s, e = int(c.indptr[i]), int(c.indptr[i + 1])
         if s == e:
             continue
         order = np.argsort(-v[s:e])  # numpy's default (unstable) sort, as the official code
-        out[i, : kept[i]] = c.cols[s:e][order[: kept[i]]]
-    return out, kept
+        out[i, : min(e - s, k)] = elem_tokens[s:e][order[:k]]
 
 
 # ----------------------------------------------------------------------------- public API
@@ -560,18 +547,15 @@ def tokenize_geneformer(
     medians = _check_medians(medians, c.tokens)
     v = _values(c, medians)
     k = max_len - 2 if special else max_len
-    rank = _rank_official if tie_break == "official" else _rank_deterministic
-    ranked, kept = rank(c, v, k)
-
-    n_cells = ranked.shape[0]
     n_genes = np.diff(c.indptr).astype(np.int64)
+    kept = np.minimum(n_genes, k)
     offset = 1 if special else 0
     lengths = kept + 2 * offset
-    width = int(lengths.max(initial=0))
-    input_ids = np.full((n_cells, width), pad_id, dtype=np.int64)
-    real = ranked >= 0
-    body = input_ids[:, offset : offset + ranked.shape[1]]
-    body[real] = c.tokens[ranked[real]]
+    n_cells = len(n_genes)
+    input_ids = np.full((n_cells, int(lengths.max(initial=0))), pad_id, dtype=np.int64)
+    body = input_ids[:, offset : offset + int(kept.max(initial=0))]
+    rank = _rank_official if tie_break == "official" else _rank_deterministic
+    rank(c, v, k, body)
     if special:
         input_ids[:, 0] = cls_id
         input_ids[np.arange(n_cells), lengths - 1] = eos_id
