@@ -17,9 +17,14 @@ from pathlib import Path
 import numpy as np
 
 #: Globals a dictionary pickle may name: NumPy's scalar constructor (under its NumPy 1 and
-#: NumPy 2 module paths) and :class:`numpy.dtype`.
+#: NumPy 2 module paths) and :class:`numpy.dtype` (plus ``_codecs.encode``, which old pickle
+#: protocols use to store bytes).
 _SCALAR_PATHS = (("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"))
 _DTYPE_PATH = ("numpy", "dtype")
+
+
+class _RefusedError(pickle.UnpicklingError):
+    """A pickle names something a gene dictionary may not contain."""
 
 
 def _scalar_constructor():
@@ -34,17 +39,24 @@ def _safe_dtype(*args):
     """:class:`numpy.dtype`, refusing object dtypes (which could smuggle in arbitrary objects)."""
     dtype = np.dtype(*args)
     if dtype.hasobject:
-        raise pickle.UnpicklingError("Refusing to unpickle an object dtype in a gene dictionary.")
+        raise _RefusedError("Refusing to unpickle an object dtype in a gene dictionary.")
     return dtype
 
 
 def _safe_scalar(dtype, *args):
     """NumPy's scalar constructor restricted to plain (non-object) dtypes."""
     if not isinstance(dtype, np.dtype) or dtype.hasobject:
-        raise pickle.UnpicklingError(
+        raise _RefusedError(
             "Refusing to unpickle a NumPy scalar that is not a plain number in a gene dictionary."
         )
     return _scalar_constructor()(dtype, *args)
+
+
+def _safe_encode(text, encoding="latin1"):
+    """``_codecs.encode`` as protocol 0-2 pickles use it for bytes: str -> latin-1 bytes only."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise _RefusedError("Refusing an unexpected _codecs.encode call in a pickle.")
+    return text.encode("latin-1")
 
 
 class _NumpyScalarUnpickler(pickle.Unpickler):
@@ -55,7 +67,9 @@ class _NumpyScalarUnpickler(pickle.Unpickler):
             return _safe_scalar
         if (module, name) == _DTYPE_PATH:
             return _safe_dtype
-        raise pickle.UnpicklingError(
+        if (module, name) == ("_codecs", "encode"):  # bytes in protocol 0-2 pickles
+            return _safe_encode
+        raise _RefusedError(
             f"Refusing to load {module}.{name}: a gene dictionary pickle may only contain "
             "strings, numbers and NumPy number scalars. The file is not a plain dictionary (it "
             "may be corrupt or tampered with); obtain it again from the official source."
@@ -119,7 +133,7 @@ def read_gene_dict(path: str | os.PathLike) -> dict:
     else:
         try:
             obj = _NumpyScalarUnpickler(io.BytesIO(raw)).load()
-        except pickle.UnpicklingError:
+        except _RefusedError:
             raise
         except Exception as err:  # truncated or non-pickle content
             raise pickle.UnpicklingError(
