@@ -140,6 +140,16 @@ def test_low_coverage_is_an_error(cells, v1_dicts):
         Geneformer(adata, token_dictionary=v1_dicts[0], gene_medians=v1_dicts[1], **TINY)
 
 
+def test_setting_up_a_copy_keeps_the_original_registered(cells):
+    original = cells.copy()
+    Geneformer.setup_anndata(original, gene_key="ensembl_id")
+    copy = original.copy()  # carries the original's registration id
+    Geneformer.setup_anndata(copy, gene_key="ensembl_id", labels_key="cell_line")
+    assert copy.uns["_scvi_uuid"] != original.uns["_scvi_uuid"]
+    assert Geneformer(original, max_input_size=32, **TINY).module.n_labels == 0
+    assert Geneformer(copy, max_input_size=32, **TINY).module.n_labels == 3
+
+
 def test_new_model_builds_its_dictionaries(cells):
     adata = cells.copy()
     Geneformer.setup_anndata(adata, gene_key="ensembl_id")
@@ -264,6 +274,27 @@ def test_save_load_round_trip(tmp_path, v1_model):
     query = v1_model.adata[:10].copy()
     loaded = Geneformer.load(tmp_path / "model", adata=query)
     np.testing.assert_allclose(loaded.get_latent_representation(query), expected[:10], atol=1e-6)
+
+
+def test_save_pretrained_round_trip(tmp_path, v1_model):
+    transformers = pytest.importorskip("transformers")
+    folder = v1_model.save_pretrained(tmp_path / "export")
+    expected = v1_model.get_latent_representation()
+    reloaded = Geneformer.from_pretrained(folder, v1_model.adata, max_input_size=256)
+    np.testing.assert_array_equal(reloaded.get_latent_representation(), expected)
+    hf = transformers.BertForSequenceClassification.from_pretrained(folder).eval()
+    assert hf.config.id2label[0] == v1_model.adata.obs["cell_line"].cat.categories[0]
+    ids, lengths = _reference_tokenize(
+        v1_model.adata,
+        *(
+            read_gene_dict(folder / f)
+            for f in ("token_dictionary.json", "gene_median_dictionary.json")
+        ),
+        max_len=256,
+    )
+    np.testing.assert_allclose(
+        _reference_embedding(hf, ids, lengths, -1, "mean", specials=False), expected, atol=1e-5
+    )
 
 
 def test_bad_arguments(v1_model):

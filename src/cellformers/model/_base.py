@@ -93,6 +93,11 @@ class FoundationModelBase(UnsupervisedTrainingMixin, BaseModelClass):
             CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
             *extra_fields,
         ]
+        uuid = adata.uns.get(_SCVI_UUID_KEY)
+        registered = cls._setup_adata_manager_store.get(uuid) if uuid is not None else None
+        if registered is not None and registered.adata is not adata:
+            # a copy of a registered AnnData: give it its own id so the original stays set up
+            adata.uns[_SCVI_UUID_KEY] = str(uuid4())
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         manager.register_fields(adata, **kwargs)
         cls.register_manager(manager)

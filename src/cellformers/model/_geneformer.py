@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -26,6 +27,7 @@ from ..pretrained import (
     geneformer_module_kwargs,
     load_geneformer_state_dict,
     read_geneformer_checkpoint,
+    save_geneformer_checkpoint,
 )
 from ..tokenize import geneformer_sequence_lengths, tokenize_geneformer
 from ..tokenize._perturb import PERTURB_MODES, drop_last_gene, perturb_rank_tokens
@@ -420,7 +422,7 @@ class Geneformer(FoundationModelBase):
             gene_medians=sources["gene_median_dictionary"],
             max_input_size=max_input_size,
             n_labels=n_labels,
-            mlm_head=ckpt.architecture == "BertForMaskedLM",
+            mlm_head=any(k.startswith("cls.predictions.") for k in ckpt.state_dict),
             min_coverage=min_coverage,
             **kwargs,
         )
@@ -429,6 +431,49 @@ class Geneformer(FoundationModelBase):
         model.is_trained_ = True
         model.finetuned_ = has_head
         return model
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write the network and dictionaries as an official-style checkpoint folder.
+
+        The folder holds ``config.json`` and ``model.safetensors`` (a Hugging Face BERT that
+        ``transformers`` loads as ``BertForMaskedLM``, or ``BertForSequenceClassification``
+        with the label names when the model has a classification head) next to
+        ``token_dictionary.json`` and ``gene_median_dictionary.json``, so that
+        :meth:`from_pretrained` and the official tools can read it back.
+
+        Parameters
+        ----------
+        path
+            Folder to write (created if needed).
+
+        Returns
+        -------
+        The folder.
+
+        """
+        extra = {}
+        if self.module.n_labels:
+            names = (
+                self._label_names()
+                if self._has_labels()
+                else np.arange(self.module.n_labels).astype(str)
+            )
+            extra = {
+                "id2label": {str(i): str(n) for i, n in enumerate(names)},
+                "label2id": {str(n): i for i, n in enumerate(names)},
+            }
+        folder = save_geneformer_checkpoint(self.module, path, config_extra=extra)
+        medians = {
+            t: float(m)
+            for t, m in zip(self.vocab.tokens, self._medians, strict=True)
+            if np.isfinite(m)
+        }
+        for name, content in (
+            ("token_dictionary.json", self.vocab.to_dict()),
+            ("gene_median_dictionary.json", medians),
+        ):
+            (folder / name).write_text(json.dumps(content), encoding="utf-8")
+        return folder
 
     # ------------------------------------------------------------------ genes and tokens
     def _has_labels(self) -> bool:
