@@ -29,8 +29,13 @@ from ..pretrained import (
     read_geneformer_checkpoint,
     save_geneformer_checkpoint,
 )
-from ..tokenize import geneformer_sequence_lengths, tokenize_geneformer
-from ..tokenize._perturb import PERTURB_MODES, drop_last_gene, perturb_rank_tokens
+from ..tokenize import (
+    drop_last_gene,
+    geneformer_sequence_lengths,
+    perturb_rank_tokens,
+    tokenize_geneformer,
+)
+from ..tokenize._perturb import PERTURB_MODES
 from ._base import FoundationModelBase, _resolve_indices
 
 logger = logging.getLogger(__name__)

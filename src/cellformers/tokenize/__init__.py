@@ -1,13 +1,17 @@
 """Tokenizers: turn CSR batches of cells into model input sequences (vectorised)."""
 
 from ._binning import ScGPTTokens, bin_csr, scgpt_sequence_lengths, tokenize_scgpt
+from ._perturb import RankPerturbation, drop_last_gene, perturb_rank_tokens
 from ._rank import GeneformerTokens, geneformer_sequence_lengths, tokenize_geneformer
 
 __all__ = [
     "GeneformerTokens",
+    "RankPerturbation",
     "ScGPTTokens",
     "bin_csr",
+    "drop_last_gene",
     "geneformer_sequence_lengths",
+    "perturb_rank_tokens",
     "scgpt_sequence_lengths",
     "tokenize_geneformer",
     "tokenize_scgpt",
