@@ -963,7 +963,9 @@ class Geneformer(FoundationModelBase):
             var["mean_shift"] = np.where(counted, shift, 0).sum(0) / counted.sum(0)
         out = AnnData(
             X=shift.astype(np.float32),
-            obs=adata.obs.iloc[indices].copy(),
+            obs=adata.obs.iloc[indices].drop(
+                columns=[c for c in adata.obs if str(c).startswith("_scvi_")]
+            ),
             var=var,
         )
         out.layers["expressed"] = expressed
