@@ -155,6 +155,27 @@ def test_ties_official_exact_and_deterministic_by_token(bench, v2):
         assert n_tied_cells > len(values) // 2
 
 
+def test_nearly_equal_values_are_ordered_exactly(bench, v1):
+    """Values one ulp apart, against token order: ranked by value, not by their key bits."""
+    X, ensembl, n_counts, gene_ids = bench
+    X, n_counts = X[:40], n_counts[:40]
+    tokens, medians, by_id = v1
+    near = by_id.copy()
+    near[3::2] = np.nextafter(by_id[2:-1:2], 0)  # token 2j+1 just below token 2j
+    near_dict = {g: float(near[t]) for g, t in tokens.items() if g in medians}
+    values = _full_values(X, ensembl, n_counts, tokens, near_dict, len(near))
+    for max_len in (2048, 30_000):
+        det = tokenize_geneformer(X, gene_ids, near, n_counts=n_counts, max_len=max_len)
+        n_close = 0
+        for i, row_values in enumerate(values):
+            detected = np.flatnonzero(~np.isnan(row_values))
+            order = detected[np.lexsort((detected, -row_values[detected]))][:max_len]
+            np.testing.assert_array_equal(det.input_ids[i, : det.lengths[i]], order)
+            gaps = np.diff(row_values[order])
+            n_close += np.sum((gaps < 0) & (gaps > -1e-12 * row_values[order][1:]))
+        assert n_close > 100  # many neighbours closer than the keys can tell apart
+
+
 def test_duplicate_ids_are_summed_in_official_order(bench, v1):
     """Alias IDs mapped to the same gene: summed, placed after the other genes (official)."""
     X, ensembl, n_counts, _ = bench

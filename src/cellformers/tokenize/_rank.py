@@ -5,8 +5,8 @@ Geneformer orders a cell's detected genes by ``count / n_counts * 10_000 / media
 tokens (highest first) to a BERT encoder. :func:`tokenize_geneformer` does this for a whole CSR
 batch at once: columns that share a token are summed (the official collapse of duplicate
 Ensembl IDs), values are computed in float64 exactly as the official ``TranscriptomeTokenizer``
-computes them, and the top genes of every cell are selected and ordered with one top-k call on
-integer keys that encode the values' bits.
+computes them, and the top genes of every cell are selected and sorted along padded rows of
+integer keys that encode each value's bits and token.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 
 from ._utils import check_values, csr_rows
 
@@ -25,7 +24,7 @@ TieBreak = Literal["deterministic", "official"]
 #: Scale of Geneformer's normalisation (counts per 10,000).
 TARGET_SUM = 10_000.0
 
-# Padded key matrices are processed in row blocks of at most this many entries (8 bytes each).
+# Padded key matrices are sorted in row blocks of at most this many entries (8 bytes each).
 _BLOCK_ELEMENTS = 1 << 22
 
 
@@ -73,12 +72,11 @@ class GeneformerTokens:
 class _Collapsed(NamedTuple):
     """Detected vocabulary genes of a batch after summing columns that share a token.
 
-    ``rows`` is non-decreasing; within a row the elements are in the official column order:
-    genes whose token has a single column in input column order, then the tokens shared by
-    several columns, ordered by the first column that holds each.
+    Elements are stored row after row (CSR); within a row they are in the official column
+    order: genes whose token has a single column in input column order, then the tokens shared
+    by several columns, ordered by the first column that holds each.
     """
 
-    rows: np.ndarray  # integer row of each element
     cols: np.ndarray  # integer compact column: rank of the token among `tokens`
     x: np.ndarray  # float64 (summed) count
     indptr: np.ndarray  # int64 row pointer into the element arrays
@@ -251,14 +249,13 @@ def _collapse(
         vocab_sums = _segment_sums(x, new_indptr, np.float64)
     n_counts = _check_n_counts(n_counts, n_cells, vocab_sums)
 
-    rows = np.repeat(np.arange(n_cells, dtype=np.int32), np.diff(new_indptr))
     shared_token = n_cols_per_token > 1
     if shared_token.any():
-        rows, cols, x, new_indptr = _sum_shared(rows, cols, x, n_cells, shared_token, col_of)
-    return _Collapsed(rows, cols, x, new_indptr, tokens, n_counts)
+        cols, x, new_indptr = _sum_shared(new_indptr, cols, x, shared_token, col_of)
+    return _Collapsed(cols, x, new_indptr, tokens, n_counts)
 
 
-def _sum_shared(rows, cols, x, n_cells, shared_token, col_of):
+def _sum_shared(indptr, cols, x, shared_token, col_of):
     """Sum the counts of columns that share a token; put the sums after the other genes.
 
     The summed tokens of a cell follow its other genes, ordered by the first column that holds
@@ -274,7 +271,8 @@ def _sum_shared(rows, cols, x, n_cells, shared_token, col_of):
     rank = np.full(n_compact, -1, dtype=np.int64)
     rank[shared_ids] = np.arange(len(shared_ids), dtype=np.int64)
 
-    rows = rows.astype(np.int64)
+    n_cells = len(indptr) - 1
+    rows = np.repeat(np.arange(n_cells, dtype=np.int64), np.diff(indptr))
     cols = cols.astype(np.int64)
     is_shared = shared_token[cols]
     r_s, k_s, x_s = rows[is_shared], rank[cols[is_shared]], x[is_shared]
@@ -294,12 +292,11 @@ def _sum_shared(rows, cols, x, n_cells, shared_token, col_of):
     u_pos = indptr[:-1][u_rows] + np.arange(len(u_rows)) - u_start[u_rows]
     s_pos = indptr[:-1][s_rows] + n_u[s_rows] + np.arange(len(s_rows)) - s_start[s_rows]
     total = int(indptr[-1])
-    out_rows = np.empty(total, dtype=np.int64)
     out_cols = np.empty(total, dtype=np.int64)
     out_x = np.empty(total, dtype=np.float64)
-    out_rows[u_pos], out_cols[u_pos], out_x[u_pos] = u_rows, u_cols, u_x
-    out_rows[s_pos], out_cols[s_pos], out_x[s_pos] = s_rows, s_cols, summed
-    return out_rows, out_cols, out_x, indptr
+    out_cols[u_pos], out_x[u_pos] = u_cols, u_x
+    out_cols[s_pos], out_x[s_pos] = s_cols, summed
+    return out_cols, out_x, indptr
 
 
 def _values(c: _Collapsed, medians: np.ndarray) -> np.ndarray:
@@ -319,69 +316,94 @@ def _values(c: _Collapsed, medians: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- ranking
-def _rank_deterministic(c: _Collapsed, v: np.ndarray, k: int, out: np.ndarray) -> None:
+def _rank_keys(c: _Collapsed, v: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, int, int]:
+    """Sort keys of the elements of rows ``lo:hi``: ascending key = descending value, then token.
+
+    One ``int64`` per element. Positive float64 values sort like their bit patterns. The key holds the value's bits
+    (counted down from the block maximum, shifted right by ``shift`` bits when needed to make
+    room) above the element's compact column (``tb`` bits, ordered like the token ids), and
+    stays below ``2**62`` so that padding with the largest int64 sorts last.
+    """
+    tb = len(c.tokens).bit_length()  # the all-ones column is never a real one
+    start, stop = int(c.indptr[lo]), int(c.indptr[hi])
+    bits = v[start:stop].view(np.int64)
+    top = int(bits.max())
+    shift = max(0, (top - int(bits.min())).bit_length() - (62 - tb))
+    key = top - bits
+    if shift:
+        key >>= shift
+    key <<= tb
+    key |= c.cols[start:stop]
+    return key, tb, shift
+
+
+def _rank_deterministic(c: _Collapsed, v: np.ndarray, k: int, out: np.ndarray, pad_id: int) -> None:
     """Write the top ``k`` tokens of every row into ``out``: descending value, ties by token.
 
-    Values are positive float64, whose bit patterns sort like the values, so the keys are the
-    bit patterns themselves (exact). Blocks of rows are padded and ranked with one
-    :func:`torch.topk` call each; runs of exactly equal values (rare) are then ordered by
-    token id, and a tie run cut by the truncation is resolved row by row.
+    Vectorised over blocks of rows: every element gets an integer key that encodes its value
+    and token (:func:`_rank_keys`). In rows longer than ``k + 1``, a histogram of the keys'
+    top 8 bits keeps only the elements that can be among the row's ``k + 1`` smallest keys.
+    The kept keys are padded and sorted along rows with :func:`numpy.sort`. When the keys had
+    to drop low value bits, rows where two neighbouring keys among the first ``k + 1`` share
+    their value bits (equal or nearly equal values, rare) are re-ranked exactly with one
+    :func:`numpy.lexsort`.
     """
     counts = np.diff(c.indptr)
+    n_cells = len(counts)
+    limit = k + 1  # one more than kept, to see ties across the cut
     longest = int(counts.max(initial=0))
     if longest == 0:
         return
-    keys = v.view(np.int64)
-    block = max(1, _BLOCK_ELEMENTS // longest)
-    cut_rows = []
-    for lo in range(0, len(counts), block):
-        hi = min(len(counts), lo + block)
+    block = max(1, _BLOCK_ELEMENTS // min(longest, 2 * limit))
+    # Token of each compact column; the all-ones column of padding keys gives `pad_id`.
+    token_of = np.full(1 << len(c.tokens).bit_length(), pad_id, dtype=np.int64)
+    token_of[: len(c.tokens)] = c.tokens
+    exact_rows = []
+    for lo in range(0, n_cells, block):
+        hi = min(n_cells, lo + block)
         b_counts = counts[lo:hi]
-        width = int(b_counts.max())
-        if width == 0:
+        if not b_counts.any():
             continue
-        b_starts = c.indptr[lo:hi]
-        start, stop = int(b_starts[0]), int(c.indptr[hi])
-        # Flat position in the padded block of every element of the block's rows.
-        shift = np.arange(hi - lo, dtype=np.int64) * width - b_starts
-        padded = np.full((hi - lo, width), -1, dtype=np.int64)
-        padded.ravel()[np.arange(start, stop) + np.repeat(shift, b_counts)] = keys[start:stop]
-        k_b = min(k + 1, width)  # one more than kept, to see ties across the cut
-        top_keys, top_pos = torch.topk(torch.from_numpy(padded), k_b, dim=1, sorted=True)
-        top_keys, top_pos = top_keys.numpy(), top_pos.numpy()
-        valid = top_pos < b_counts[:, None]
-        top_tokens = c.tokens.take(c.cols.take(np.where(valid, b_starts[:, None] + top_pos, 0)))
-        top_tokens = _order_ties(top_keys, top_tokens, valid)
+        key, tb, shift = _rank_keys(c, v, lo, hi)
+        if (b_counts > limit).any():  # keep the elements that can be among the first `limit`
+            digit = key >> max(0, int(key.max()).bit_length() - 8)
+            rows = np.repeat(np.arange(hi - lo, dtype=np.int64), b_counts)
+            hist = np.bincount(rows * 256 + digit, minlength=(hi - lo) * 256)
+            cum = np.cumsum(hist.reshape(hi - lo, 256), axis=1)
+            keep = digit <= (cum < limit).sum(axis=1)[rows]
+            b_counts = _segment_sums(keep, c.indptr[lo : hi + 1] - c.indptr[lo], np.int64)
+            key = np.compress(keep, key)
+        width = int(b_counts.max())
+        padded = np.full((hi - lo, width), np.iinfo(np.int64).max, dtype=np.int64)
+        padded[np.arange(width) < b_counts[:, None]] = key
+        padded.sort(axis=1)
+        head = padded[:, : min(limit, width)]
+        if shift:  # equal value bits among the first k + 1 keys: exact or near tie
+            prefix = head >> tb
+            n_same = np.count_nonzero(prefix[:, 1:] == prefix[:, :-1], axis=1)
+            pad_pairs = np.maximum(head.shape[1] - 1 - np.minimum(b_counts, limit), 0)
+            exact_rows.append(lo + np.flatnonzero(n_same > pad_pairs))
         k_out = min(k, width)
-        out[lo:hi, :k_out] = np.where(valid[:, :k_out], top_tokens[:, :k_out], out[lo:hi, :k_out])
-        if k_b > k:  # a tie run cut by the truncation: its smallest tokens must be kept
-            cut = (b_counts > k) & (top_keys[:, k - 1] == top_keys[:, k])
-            cut_rows.extend((lo + np.flatnonzero(cut)).tolist())
-    for i in cut_rows:  # rare: exact order of the row
-        s, e = int(c.indptr[i]), int(c.indptr[i + 1])
-        tokens = c.tokens[c.cols[s:e]]
-        out[i, :k] = tokens[np.lexsort((tokens, -v[s:e]))[:k]]
+        out[lo:hi, :k_out] = token_of[head[:, :k_out] & ((1 << tb) - 1)]
+    if exact_rows and (fix := np.concatenate(exact_rows)).size:
+        _rank_exact(c, v, k, out, fix)
 
 
-def _order_ties(keys: np.ndarray, cols: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Within runs of equal keys in each row, order ``cols`` (token ids) ascending."""
-    eq = (keys[:, 1:] == keys[:, :-1]) & valid[:, 1:]
-    if not eq.any():
-        return cols
-    in_tie = np.zeros(keys.shape, dtype=bool)
-    in_tie[:, 1:] |= eq
-    in_tie[:, :-1] |= eq
-    r, p = np.nonzero(in_tie)
-    starts = np.ones(len(r), dtype=bool)
-    starts[1:] = ~((r[1:] == r[:-1]) & eq[r[1:], np.maximum(p[1:] - 1, 0)] & (p[1:] > 0))
-    group = np.cumsum(starts)
-    order = np.lexsort((cols[r, p], group))
-    cols = cols.copy()
-    cols[r, p] = cols[r[order], p[order]]
-    return cols
+def _rank_exact(c: _Collapsed, v: np.ndarray, k: int, out: np.ndarray, rows: np.ndarray) -> None:
+    """Exact (descending value, ascending token) ranking of some rows with one lexsort."""
+    lengths = np.diff(c.indptr)[rows]
+    before = np.zeros(len(rows), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=before[1:])
+    position = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(before, lengths)
+    elem = np.repeat(c.indptr[:-1][rows], lengths) + position
+    which = np.repeat(np.arange(len(rows), dtype=np.int64), lengths)
+    tokens = c.tokens[c.cols[elem]]
+    order = np.lexsort((tokens, -v[elem], which))
+    top = position < k
+    out[rows[which[top]], position[top]] = tokens[order][top]
 
 
-def _rank_official(c: _Collapsed, v: np.ndarray, k: int, out: np.ndarray) -> None:
+def _rank_official(c: _Collapsed, v: np.ndarray, k: int, out: np.ndarray, pad_id: int) -> None:
     """Per-cell ``np.argsort(-values)`` on the official column order (slow path)."""
     elem_tokens = c.tokens[c.cols]
     for i in range(len(c.indptr) - 1):
@@ -555,7 +577,7 @@ def tokenize_geneformer(
     input_ids = np.full((n_cells, int(lengths.max(initial=0))), pad_id, dtype=np.int64)
     body = input_ids[:, offset : offset + int(kept.max(initial=0))]
     rank = _rank_official if tie_break == "official" else _rank_deterministic
-    rank(c, v, k, body)
+    rank(c, v, k, body, pad_id)
     if special:
         input_ids[:, 0] = cls_id
         input_ids[np.arange(n_cells), lengths - 1] = eos_id
