@@ -946,10 +946,12 @@ class Geneformer(FoundationModelBase):
                         F.cosine_similarity(perturbed, goal, dim=-1)
                         - F.cosine_similarity(reference, goal, dim=-1)
                     )
+            changed = torch.as_tensor(pert.changed.reshape(-1), device=self.device)
+            out = [torch.where(changed, v, 0.0) for v in out]  # unchanged cells: exactly 0
             out.append(torch.as_tensor(pert.expressed.reshape(-1), device=self.device).float())
             return torch.stack(out, -1).view(n_cells, len(tokens), -1)
 
-        result = self._map_cells(adata, indices, 16 if batch_size is None else batch_size, run)
+        result = self._map_cells(adata, indices, batch_size, run)
         shift, expressed = result[..., 0], result[..., -1] > 0.5
         var = pd.DataFrame(
             {
