@@ -1,6 +1,7 @@
 """Networks (scvi-tools modules), one file per model family."""
 
 from ._geneformer import GeneformerModule
+from ._scbert import SCBERTModule
 from ._scgpt import SCGPTModule
 
-__all__ = ["GeneformerModule", "SCGPTModule"]
+__all__ = ["GeneformerModule", "SCBERTModule", "SCGPTModule"]

@@ -9,6 +9,13 @@ from ._geneformer import (
     read_geneformer_checkpoint,
     save_geneformer_checkpoint,
 )
+from ._scbert import (
+    ScBERTCheckpoint,
+    load_scbert_state_dict,
+    read_scbert_checkpoint,
+    scbert_config_from_state_dict,
+    scbert_module_kwargs,
+)
 from ._scgpt import (
     ScGPTCheckpoint,
     load_scgpt_state_dict,
@@ -18,14 +25,19 @@ from ._scgpt import (
 
 __all__ = [
     "GeneformerCheckpoint",
+    "ScBERTCheckpoint",
     "ScGPTCheckpoint",
     "geneformer_hf_config",
     "geneformer_module_kwargs",
     "geneformer_state_dict_to_hf",
     "load_geneformer_state_dict",
+    "load_scbert_state_dict",
     "load_scgpt_state_dict",
     "normalize_scgpt_state_dict",
     "read_geneformer_checkpoint",
+    "read_scbert_checkpoint",
     "read_scgpt_checkpoint",
     "save_geneformer_checkpoint",
+    "scbert_config_from_state_dict",
+    "scbert_module_kwargs",
 ]
