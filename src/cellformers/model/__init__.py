@@ -2,6 +2,7 @@
 
 from ._base import FoundationModelBase
 from ._geneformer import Geneformer
+from ._scbert import SCBERT
 from ._scgpt import SCGPT
 
-__all__ = ["SCGPT", "FoundationModelBase", "Geneformer"]
+__all__ = ["SCBERT", "SCGPT", "FoundationModelBase", "Geneformer"]

@@ -1,6 +1,7 @@
 """Tokenizers: turn CSR batches of cells into model input sequences (vectorised)."""
 
 from ._binning import ScGPTTokens, bin_csr, scgpt_sequence_lengths, tokenize_scgpt
+from ._panel import panel_columns, scbert_sequence_lengths, tokenize_scbert
 from ._perturb import RankPerturbation, drop_last_gene, perturb_rank_tokens
 from ._rank import GeneformerTokens, geneformer_sequence_lengths, tokenize_geneformer
 
@@ -11,8 +12,11 @@ __all__ = [
     "bin_csr",
     "drop_last_gene",
     "geneformer_sequence_lengths",
+    "panel_columns",
     "perturb_rank_tokens",
+    "scbert_sequence_lengths",
     "scgpt_sequence_lengths",
     "tokenize_geneformer",
+    "tokenize_scbert",
     "tokenize_scgpt",
 ]

@@ -1,0 +1,711 @@
+"""scBERT as an scvi-tools model class."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+from scvi import REGISTRY_KEYS
+from scvi.utils import setup_anndata_dsp
+
+from ..genes import GeneVocab, match_genes
+from ..module import SCBERTModule
+from ..pretrained import load_scbert_state_dict, read_scbert_checkpoint
+from ..tokenize import scbert_sequence_lengths, tokenize_scbert
+from ._base import FoundationModelBase, _resolve_indices
+
+logger = logging.getLogger(__name__)
+
+UNASSIGNED = "Unassigned"
+_POOLINGS = ("mean", "expressed", "last")
+
+
+@dataclass(frozen=True)
+class _SCBERTTokenizer:
+    """Picklable scBERT tokenizer bound to one AnnData's column -> panel-position map."""
+
+    gene_ids: np.ndarray
+    n_genes: int
+    n_bins: int
+
+    def lengths(self, X: sp.csr_matrix) -> np.ndarray:
+        return scbert_sequence_lengths(X, n_genes=self.n_genes)
+
+    def __call__(self, X: sp.csr_matrix) -> dict:
+        tokens = tokenize_scbert(X, self.gene_ids, n_genes=self.n_genes, n_bins=self.n_bins)
+        return {"input_ids": tokens}
+
+
+def _read_panel(gene_panel: Sequence[str] | str | os.PathLike) -> list[str]:
+    """Gene names of a panel given as a sequence or a text file with one name per line."""
+    if isinstance(gene_panel, str | os.PathLike):
+        path = Path(gene_panel)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"gene_panel file {path} does not exist (expected a text file with one gene name "
+                "per line, in the order of the model's positions)."
+            )
+        genes = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        genes = [g for g in genes if g]
+    else:
+        genes = [str(g) for g in np.asarray(list(gene_panel), dtype=object).ravel()]
+    if not genes:
+        raise ValueError("gene_panel is empty.")
+    index = pd.Index(genes)
+    if not index.is_unique:
+        dup = index[index.duplicated()].unique()[:10].tolist()
+        raise ValueError(
+            f"gene_panel must hold each gene once; {int(index.duplicated().sum())} duplicate(s), "
+            f"e.g. {dup}."
+        )
+    return genes
+
+
+def _read_gene2vec(gene2vec) -> np.ndarray | torch.Tensor:
+    if isinstance(gene2vec, str | os.PathLike):
+        path = Path(gene2vec)
+        if not path.is_file():
+            raise FileNotFoundError(f"gene2vec file {path} does not exist (expected a .npy file).")
+        return np.load(path, allow_pickle=False)
+    return gene2vec
+
+
+class SCBERT(FoundationModelBase):
+    """scBERT (Yang et al. 2022) as an scvi-tools model.
+
+    scBERT reads every cell on a fixed, ordered gene panel: the counts of each panel gene are
+    scaled to 10,000 per cell over the panel, transformed with ``log2(1 + x)`` and cut into the
+    integer tokens ``0 .. n_bins`` (:func:`~cellformers.tokenize.tokenize_scbert`); one extra
+    token 0 follows. Position ``i`` of the sequence is panel gene ``i``; the published model
+    adds the gene2vec vector of that gene (a frozen position table). A Performer encoder
+    (:class:`~cellformers.module.SCBERTModule`) reads the ``n_genes + 1`` tokens.
+
+    The model holds one head at a time, as the official network does: the masked-expression
+    head for pretraining, or the official fine-tuning head (a ``1 x dim`` convolution and three
+    linear layers over all positions) once :meth:`train` runs with ``mode="finetune"`` (which
+    replaces the masked-expression head, as ``finetune.py`` does) or when built with
+    ``n_labels``.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`.
+    registry
+        Registry of a saved model (used by :meth:`load`); pass ``adata`` instead.
+    gene_panel
+        The ordered gene panel: a list of gene names or a text file with one name per line
+        (for the published model, the 16,906 ``var_names`` of the official
+        ``panglao_10000.h5ad``, in that order; the list is not distributed with the code). The
+        data's genes (``var_names`` or ``var[gene_key]``) are matched to it by name, with
+        human symbols and Ensembl IDs converted into each other. By default the panel is the
+        registered genes (unique, non-empty names in ``var`` order): an scBERT-architecture
+        model for this gene set.
+    gene2vec
+        Position table (the official gene2vec vectors): an array ``[len(gene_panel), dim]`` (a
+        zero row is appended for the extra position, as the official constructor does) or
+        ``[len(gene_panel) + 1, dim]``, or a ``.npy`` file. Kept frozen in float64. By default
+        there is no position table (the official ``g2v_position_emb=False``); then the model
+        tells genes apart only through the fine-tuning head.
+    position_embedding
+        Build the position table; by default only when ``gene2vec`` is given. ``True`` without
+        ``gene2vec`` builds a zero table that a checkpoint fills (:meth:`from_pretrained`).
+    n_bins
+        Highest expression token (official ``bin_num`` = 5); the vocabulary has ``n_bins + 2``
+        tokens, the last being ``[MASK]``.
+    dim
+        Model dimension.
+    depth
+        Performer layers.
+    heads
+        Attention heads.
+    dim_head
+        Dimension of one head (64 in scBERT, not ``dim / heads``).
+    ff_mult
+        Feed-forward width is ``dim * ff_mult``.
+    nb_features
+        Random features of the Performer attention; by default ``int(dim_head * ln(dim_head))``.
+    emb_dropout
+        Dropout after the embeddings (training only).
+    ff_dropout
+        Dropout in the feed-forward blocks (training only).
+    attn_dropout
+        Dropout after attention (training only).
+    n_labels
+        Build the fine-tuning head with this many classes right away (e.g. to load fine-tuned
+        weights); by default the masked-expression head is built and the classifier is added
+        by ``train(mode="finetune")``.
+    classifier_hidden
+        Widths of ``fc1`` and ``fc2`` of the fine-tuning head (official: 512, 128).
+    classifier_dropout
+        Dropout inside the fine-tuning head (official: 0).
+    mlm_probability
+        Fraction of each cell's non-zero tokens chosen for prediction in pretraining.
+    replace_prob
+        Fraction of the chosen tokens replaced by ``[MASK]`` (the others stay unchanged).
+    min_coverage
+        Smallest acceptable fraction of the panel genes found in the data. Panel genes the
+        data lacks are read as 0 (unexpressed), as the official preprocessing does, so low
+        coverage silently degrades a pretrained model.
+    stabilizer
+        Performer key stabiliser: ``"cell"`` (default; a cell's outputs do not depend on the
+        rest of its batch) or ``"batch"`` (the official batch-wide maximum; equal for batches of
+        one cell, as ``predict.py`` runs).
+
+    Examples
+    --------
+    >>> import cellformers as cf
+    >>> adata = cf.data.cellbench_2platform()
+    >>> cf.model.SCBERT.setup_anndata(adata, gene_key="gene_symbol", labels_key="cell_line")
+    >>> model = cf.model.SCBERT(adata, dim=32, depth=2, heads=2, dim_head=16)
+    >>> model.train(max_epochs=2)  # masked-expression pretraining
+    >>> model.train(mode="finetune", max_epochs=2)  # cell-line classification
+    >>> adata.obs["prediction"] = model.predict_celltype(unassigned_threshold=0.5)
+
+    """
+
+    _module_cls = SCBERTModule
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        registry: dict | None = None,
+        gene_panel: Sequence[str] | str | os.PathLike | None = None,
+        gene2vec: np.ndarray | torch.Tensor | str | os.PathLike | None = None,
+        position_embedding: bool | None = None,
+        n_bins: int = 5,
+        dim: int = 200,
+        depth: int = 6,
+        heads: int = 10,
+        dim_head: int = 64,
+        ff_mult: int = 4,
+        nb_features: int | None = None,
+        emb_dropout: float = 0.0,
+        ff_dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+        n_labels: int | None = None,
+        classifier_hidden: tuple[int, int] = (512, 128),
+        classifier_dropout: float = 0.0,
+        mlm_probability: float = 0.15,
+        replace_prob: float = 0.9,
+        min_coverage: float = 0.5,
+        stabilizer: Literal["cell", "batch"] = "cell",
+    ):
+        super().__init__(adata, registry)
+        if not 0.0 <= min_coverage <= 1.0:
+            raise ValueError(f"min_coverage must be in [0, 1], got {min_coverage}.")
+        if int(n_bins) < 1:
+            raise ValueError(f"n_bins must be >= 1, got {n_bins}.")
+        if gene_panel is None:
+            if adata is None:
+                raise ValueError("Pass `gene_panel` when building a model without AnnData.")
+            names = pd.Index(self._gene_names(adata))
+            gene_panel = names[(names != "") & ~names.duplicated()].tolist()
+        gene_panel = _read_panel(gene_panel)
+        gene2vec = _read_gene2vec(gene2vec)
+        if position_embedding is None:
+            position_embedding = gene2vec is not None
+        if n_labels is None:
+            n_labels = 0
+        self.gene_panel = gene_panel
+        self.vocab = GeneVocab.from_tokens(gene_panel, specials=(), pad_token=None, cls_token=None)
+        self.min_coverage = float(min_coverage)
+        self.n_bins = int(n_bins)
+        self._module_kwargs = {
+            "n_genes": len(gene_panel),
+            "position_embedding": bool(position_embedding),
+            "num_tokens": self.n_bins + 2,
+            "dim": dim,
+            "depth": depth,
+            "heads": heads,
+            "dim_head": dim_head,
+            "ff_mult": ff_mult,
+            "nb_features": nb_features,
+            "emb_dropout": emb_dropout,
+            "ff_dropout": ff_dropout,
+            "attn_dropout": attn_dropout,
+            "classifier_hidden": tuple(classifier_hidden),
+            "classifier_dropout": classifier_dropout,
+            "mlm_probability": mlm_probability,
+            "replace_prob": replace_prob,
+            "stabilizer": stabilizer,
+        }
+        self.module = self._module_cls(
+            gene2vec=gene2vec, n_labels=int(n_labels), **self._module_kwargs
+        )
+        self.finetuned_ = False
+        if adata is not None:
+            self._gene_panel_ids(adata)  # coverage check before any work starts
+        self._model_summary_string = (
+            f"scBERT with a {len(gene_panel):,}-gene panel, dim={dim}, {depth} layers, "
+            f"{heads} heads x {dim_head}, {self.n_bins + 2} tokens, "
+            f"{'gene2vec positions' if position_embedding else 'no position table'}, "
+            + (f"{n_labels}-class fine-tuning head" if n_labels else "masked-expression head")
+        )
+        # the position table travels in the module's state dict, not in the init parameters
+        gene2vec = None
+        self.init_params_ = self._get_init_params(locals())
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    @setup_anndata_dsp.dedent
+    def setup_anndata(  # noqa: D417 (parameters come from scvi-tools' docrep placeholders)
+        cls,
+        adata: AnnData,
+        layer: str | None = None,
+        gene_key: str | None = None,
+        labels_key: str | None = None,
+        batch_key: str | None = None,
+        **kwargs,
+    ):
+        """%(summary)s.
+
+        scBERT reads raw counts (normalised per cell over the gene panel when tokenized): the
+        expression input must hold non-negative integers (checked before registration, as are
+        duplicated ``var_names`` and missing keys).
+
+        Parameters
+        ----------
+        %(param_adata)s
+        %(param_layer)s
+        gene_key
+            Column of ``adata.var`` with the gene names to match to the gene panel (symbols for
+            the published panel; Ensembl IDs are converted); ``None`` uses ``adata.var_names``.
+            Of several columns with the same panel gene the first is used, as the official
+            preprocessing does.
+        %(param_labels_key)s
+        %(param_batch_key)s
+
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        cls._register_anndata(
+            adata,
+            setup_method_args=setup_method_args,
+            layer=layer,
+            batch_key=batch_key,
+            labels_key=labels_key,
+            gene_key=gene_key,
+            is_count_data=True,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------ pretrained weights
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        adata: AnnData,
+        *,
+        gene_panel: Sequence[str] | str | os.PathLike,
+        gene2vec: np.ndarray | torch.Tensor | str | os.PathLike | None = None,
+        min_coverage: float = 0.5,
+        stabilizer: Literal["cell", "batch"] = "cell",
+    ) -> SCBERT:
+        """Build a model from an official scBERT checkpoint (``.pth``).
+
+        Reads ``panglao_pretrain.pth`` or a fine-tuned ``*_best.pth`` (the training wrapper
+        ``{"model_state_dict": ...}`` or a bare state dict) with
+        :func:`~cellformers.pretrained.read_scbert_checkpoint`; the network sizes come from the
+        tensor shapes and every weight is loaded strictly, the Performer's random features and
+        the gene2vec table included. A fine-tuned checkpoint keeps its classification head; its
+        classes are the registered labels in sorted order (the official ``label_dict`` is
+        ``np.unique`` of the training labels). A pretrained checkpoint keeps its
+        masked-expression head; ``train(mode="finetune")`` replaces it.
+
+        Parameters
+        ----------
+        path
+            The checkpoint file.
+        adata
+            AnnData registered with :meth:`setup_anndata`.
+        gene_panel
+            The checkpoint's ordered gene panel (list or text file, one name per line): for the
+            published model the 16,906 ``var_names`` of the official ``panglao_10000.h5ad``. It
+            is not shipped with the weights, and a wrong order makes the model meaningless.
+        gene2vec
+            Optional gene2vec vectors (array or ``.npy``) to check against the checkpoint's
+            position table: a mismatch means the panel or its order is not the checkpoint's.
+        min_coverage
+            Smallest acceptable fraction of the panel genes found in the data.
+        stabilizer
+            ``"cell"`` (batch-invariant, default) or ``"batch"`` (official).
+
+        Returns
+        -------
+        The model, in evaluation mode.
+
+        """
+        ckpt = read_scbert_checkpoint(path)
+        config = ckpt.config
+        panel = _read_panel(gene_panel)
+        if config["n_genes"] is not None and config["n_genes"] != len(panel):
+            raise ValueError(
+                f"The checkpoint reads {config['n_genes']:,} genes (+1 position) but gene_panel "
+                f"has {len(panel):,}; pass the panel the checkpoint was trained on (16,906 genes, "
+                "the var_names of panglao_10000.h5ad, for panglao_pretrain.pth)."
+            )
+        n_labels = int(config["n_labels"])
+        if n_labels:
+            manager = cls._get_most_recent_anndata_manager(adata, required=True)
+            if manager.registry["setup_args"].get("labels_key") is not None:
+                n_registered = len(
+                    manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY).categorical_mapping
+                )
+                if n_registered != n_labels:
+                    raise ValueError(
+                        f"The checkpoint classifies {n_labels} classes but the registered "
+                        f"labels_key has {n_registered}."
+                    )
+        model = cls(
+            adata,
+            gene_panel=panel,
+            position_embedding=config["position_embedding"],
+            n_bins=config["num_tokens"] - 2,
+            dim=config["dim"],
+            depth=config["depth"],
+            heads=config["heads"],
+            dim_head=config["dim_head"],
+            ff_mult=config["ff_mult"],
+            nb_features=config["nb_features"],
+            n_labels=n_labels,
+            classifier_hidden=config["classifier_hidden"],
+            min_coverage=min_coverage,
+            stabilizer=stabilizer,
+        )
+        load_scbert_state_dict(model.module, ckpt.state_dict)
+        if gene2vec is not None:
+            model._check_gene2vec(_read_gene2vec(gene2vec))
+        model.module.eval()
+        model.is_trained_ = True
+        model.finetuned_ = n_labels > 0
+        return model
+
+    def _check_gene2vec(self, gene2vec) -> None:
+        if self.module.pos_emb is None:
+            raise ValueError(
+                "gene2vec was given but the checkpoint has no position table "
+                "(g2v_position_emb=False)."
+            )
+        given = torch.as_tensor(np.asarray(gene2vec), dtype=torch.float64)
+        table = self.module.pos_emb.emb.weight.detach().cpu()
+        n = self.module.n_genes
+        if given.dim() != 2 or given.shape[0] not in (n, n + 1) or given.shape[1] != table.shape[1]:
+            raise ValueError(
+                f"gene2vec has shape {tuple(given.shape)}; the checkpoint's table is "
+                f"{tuple(table.shape)}."
+            )
+        if not torch.allclose(given, table[: given.shape[0]], rtol=1e-6, atol=1e-6):
+            raise ValueError(
+                "gene2vec differs from the checkpoint's position table: the gene panel or its "
+                "order is probably not the one the checkpoint was trained with."
+            )
+
+    # ------------------------------------------------------------------ genes and tokens
+    def _has_labels(self) -> bool:
+        if self.adata_manager is None:
+            return False
+        return self.adata_manager.registry["setup_args"].get("labels_key") is not None
+
+    def _label_names(self) -> np.ndarray:
+        return np.asarray(self.get_state_registry(REGISTRY_KEYS.LABELS_KEY).categorical_mapping)
+
+    def _gene_panel_ids(self, adata: AnnData) -> np.ndarray:
+        """Panel position of every column of ``adata`` (-1 outside the panel), coverage-checked."""
+        names = self._gene_names(adata)
+        match = match_genes(names, self.vocab, min_coverage=0.0, keep_duplicates=True)
+        ids = match.token_ids
+        n_found = len(np.unique(ids[ids >= 0]))
+        fraction = n_found / len(self.vocab)
+        if n_found == 0 or fraction < self.min_coverage:
+            found = np.zeros(len(self.vocab), dtype=bool)
+            found[ids[ids >= 0]] = True
+            missing = [self.vocab.tokens[i] for i in np.flatnonzero(~found)[:10]]
+            raise ValueError(
+                f"Only {n_found:,} of the {len(self.vocab):,} panel genes ({fraction:.1%}) are "
+                f"in the data, below min_coverage={self.min_coverage:g}; the missing ones would "
+                f"be read as unexpressed. First missing: {', '.join(missing[:10])}. First data "
+                f"genes not in the panel: {', '.join(match.unmatched[:10])}. Pass `gene_key=` in "
+                "setup_anndata naming a var column with gene symbols, or lower `min_coverage`."
+            )
+        return ids
+
+    def _tokenizer(self, adata: AnnData) -> _SCBERTTokenizer:
+        return _SCBERTTokenizer(
+            gene_ids=self._gene_panel_ids(adata), n_genes=len(self.vocab), n_bins=self.n_bins
+        )
+
+    # ------------------------------------------------------------------ heads
+    def _replace_head(self, n_labels: int) -> None:
+        """Swap ``to_out`` for a fresh head (``n_labels`` classes, or 0: masked expression)."""
+        module = self._module_cls(n_labels=n_labels, **self._module_kwargs)
+        load_scbert_state_dict(module, self.module.state_dict(), init_missing_head=True)
+        module.to(self.device)
+        module.train(self.module.training)
+        self.module = module
+        for group in ("non_kwargs", "kwargs"):
+            if "n_labels" in self.init_params_.get(group, {}):
+                self.init_params_[group]["n_labels"] = n_labels
+        self._model_summary_string = self._model_summary_string.rsplit(", ", 1)[0] + (
+            f", {n_labels}-class fine-tuning head" if n_labels else ", masked-expression head"
+        )
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        max_epochs: int | None = None,
+        *,
+        mode: Literal["pretrain", "finetune"] = "pretrain",
+        freeze_layers: int | Literal["official"] = 0,
+        batch_size: int = 8,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.05,
+        plan_kwargs: dict | None = None,
+        datasplitter_kwargs: dict | None = None,
+        **kwargs,
+    ):
+        """Masked-expression pretraining or cell classification fine-tuning.
+
+        ``mode="pretrain"`` masks, per cell, ``ceil(mlm_probability * n)`` of its ``n``
+        non-zero tokens (90 % become ``[MASK]``, 10 % stay) and learns to predict their
+        expression bins, as ``pretrain.py`` does. ``mode="finetune"`` trains the official
+        classification head on the registered ``labels_key``; a model with the
+        masked-expression head gets a fresh classification head first (the encoder weights are
+        kept), as ``finetune.py`` replaces ``to_out``. Training runs through Lightning, so
+        ``accelerator``, ``devices``, ``strategy``, ``precision`` and ``gradient_clip_val``
+        work as in any scvi-tools model.
+
+        Parameters
+        ----------
+        max_epochs
+            Passes through the data; scvi-tools' heuristic when ``None``.
+        mode
+            ``"pretrain"`` or ``"finetune"``.
+        freeze_layers
+            An integer ``k`` keeps the first ``k`` Performer layers fixed (the embeddings still
+            train). ``"official"`` trains only what ``finetune.py`` unfreezes: the
+            second-to-last Performer layer, the final norm and the head.
+        batch_size
+            Cells per minibatch (official: 3 with 60 gradient-accumulation steps).
+        lr
+            Peak learning rate (official Adam, 1e-4).
+        weight_decay
+            AdamW weight decay (official: none).
+        warmup_ratio
+            Fraction of steps used for linear warm-up before cosine decay.
+        plan_kwargs
+            Other :class:`~cellformers.train.PretrainingPlan` arguments.
+        datasplitter_kwargs
+            Passed to scvi-tools' ``DataSplitter`` (e.g. ``num_workers``).
+        **kwargs
+            Passed to :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` and Lightning's
+            ``Trainer`` (``train_size``, ``early_stopping``, ``accelerator``,
+            ``accumulate_grad_batches`` …).
+
+        """
+        if mode not in ("pretrain", "finetune"):
+            raise ValueError(f"mode must be 'pretrain' or 'finetune', got {mode!r}.")
+        layers = self.module.performer.net.layers
+        official = isinstance(freeze_layers, str)
+        if official and freeze_layers != "official":
+            raise ValueError(
+                f"freeze_layers must be an integer or 'official', got {freeze_layers!r}."
+            )
+        if not official and not 0 <= int(freeze_layers) <= len(layers):
+            raise ValueError(f"freeze_layers must be in [0, {len(layers)}], got {freeze_layers}.")
+        if mode == "finetune":
+            if not self._has_labels():
+                raise ValueError(
+                    "Fine-tuning needs labels: register them with "
+                    "`SCBERT.setup_anndata(adata, labels_key=...)` and build the model again."
+                )
+            n_classes = len(self._label_names())
+            if self.module.n_labels == 0:
+                self._replace_head(n_classes)
+            elif self.module.n_labels != n_classes:
+                raise ValueError(
+                    f"The model's classification head has {self.module.n_labels} classes but the "
+                    f"registered labels have {n_classes}; build the model with this AnnData's "
+                    "labels."
+                )
+        elif self.module.n_labels > 0:
+            raise ValueError(
+                "This model has the fine-tuning head (a classifier); masked pretraining needs "
+                "the masked-expression head. Use mode='finetune', or build a new model."
+            )
+        layers = self.module.performer.net.layers  # the module is new after a head swap
+        if official:
+            trainable = {
+                id(p)
+                for part in (layers[-2] if len(layers) > 1 else layers[-1], self.module.norm,
+                             self.module.to_out)
+                for p in part.parameters()
+            }  # fmt: skip
+            frozen = [
+                p for p in self.module.parameters() if p.requires_grad and id(p) not in trainable
+            ]
+        else:
+            frozen = [
+                p
+                for layer in layers[: int(freeze_layers)]
+                for p in layer.parameters()
+                if p.requires_grad
+            ]
+        plan_kwargs = {
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "warmup_ratio": warmup_ratio,
+            **(plan_kwargs or {}),
+        }
+        previous = self.module.objective
+        self.module.objective = "mlm" if mode == "pretrain" else "classification"
+        self.module.train()  # a model trained before was left in evaluation mode
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            result = self._train_on_tokens(
+                self._tokenizer(self.adata),
+                max_epochs=max_epochs,
+                batch_size=batch_size,
+                plan_kwargs=plan_kwargs,
+                datasplitter_kwargs=datasplitter_kwargs,
+                **kwargs,
+            )
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+            self.module.objective = previous
+        if mode == "finetune":
+            self.finetuned_ = True
+        return result
+
+    # ------------------------------------------------------------------ embeddings
+    def _pool(self, input_ids: torch.Tensor, pooling: str) -> torch.Tensor:
+        hidden = self.module.encode(input_ids)  # [B, n_genes + 1, dim], after the final norm
+        if pooling == "last":
+            return hidden[:, -1]
+        genes = hidden[:, :-1]
+        if pooling == "mean":
+            return genes.mean(1)
+        expressed = (input_ids[:, :-1] > 0).unsqueeze(-1).to(genes.dtype)
+        count = expressed.sum(1)
+        pooled = (genes * expressed).sum(1) / count.clamp_min(1.0)
+        return torch.where(count > 0, pooled, genes.mean(1))  # no expressed gene: all genes
+
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | np.ndarray | None = None,
+        batch_size: int | None = None,
+        pooling: Literal["mean", "expressed", "last"] = "mean",
+    ) -> np.ndarray:
+        """Cell embeddings from the encoder's final states (after the final LayerNorm).
+
+        The official code defines no cell embedding; the usual choice, and the default here, is
+        the average of the final states of the gene positions (``model(x,
+        return_encodings=True)[:, :-1].mean(1)``).
+
+        Parameters
+        ----------
+        adata
+            AnnData to embed; any gene set works (genes are matched to the panel). Defaults to
+            the AnnData the model was built with.
+        indices
+            Cells to embed (positions or boolean mask); all by default.
+        batch_size
+            Cells per forward pass (default 64). With ``stabilizer="cell"`` each cell's
+            embedding depends only on that cell.
+        pooling
+            ``"mean"``: average over the ``n_genes`` panel positions (the extra last position
+            excluded); ``"expressed"``: average over the positions with a non-zero token (all
+            panel positions for a cell without any); ``"last"``: the state of the extra last
+            position.
+
+        Returns
+        -------
+        Array of shape ``(n_cells, dim)``, float32, in the order of ``indices``.
+
+        """
+        if pooling not in _POOLINGS:
+            raise ValueError(f"pooling must be one of {_POOLINGS}, got {pooling!r}.")
+        return self._map_cells(
+            adata, indices, batch_size, lambda t: self._pool(t["input_ids"], pooling)
+        )
+
+    # ------------------------------------------------------------------ classification
+    def predict_celltype(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | np.ndarray | None = None,
+        batch_size: int | None = None,
+        soft: bool = False,
+        unassigned_threshold: float | None = None,
+    ) -> np.ndarray | pd.DataFrame:
+        """Predict the registered labels with the fine-tuned classification head.
+
+        Parameters
+        ----------
+        adata
+            AnnData to classify (any gene set); defaults to the model's AnnData.
+        indices
+            Cells to classify; all by default.
+        batch_size
+            Cells per forward pass (default 64).
+        soft
+            Return class probabilities (softmax of the logits) instead of labels.
+        unassigned_threshold
+            Label a cell ``"Unassigned"`` when its highest probability is below this value
+            (``predict.py --novel_type True`` uses 0.5); by default every cell gets its most
+            likely label. Only for hard predictions.
+
+        Returns
+        -------
+        An array of predicted labels, or with ``soft=True`` a DataFrame of probabilities with
+        one column per label, indexed by cell name.
+
+        """
+        if self.module.n_labels == 0:
+            raise ValueError(
+                "This model has no classification head: register `labels_key` in setup_anndata "
+                "and run `train(mode='finetune')` (or load a fine-tuned checkpoint)."
+            )
+        if unassigned_threshold is not None:
+            if soft:
+                raise ValueError("unassigned_threshold applies to hard predictions (soft=False).")
+            if not 0.0 <= float(unassigned_threshold) <= 1.0:
+                raise ValueError(
+                    f"unassigned_threshold must be a probability in [0, 1], got "
+                    f"{unassigned_threshold}."
+                )
+        if not self.finetuned_:
+            logger.warning(
+                "The classification head has not been fine-tuned; predictions are random."
+            )
+        adata = self._validate_anndata(adata)
+        indices = _resolve_indices(indices, adata.n_obs)
+        probs = self._map_cells(
+            adata,
+            indices,
+            batch_size,
+            lambda t: torch.softmax(self.module.classify(t["input_ids"]).float(), -1),
+        )
+        labels = (
+            self._label_names()
+            if self._has_labels()
+            else np.arange(self.module.n_labels).astype(str)
+        )
+        if soft:
+            return pd.DataFrame(probs, index=adata.obs_names[indices], columns=labels)
+        predicted = labels[probs.argmax(1)]
+        if unassigned_threshold is not None:
+            predicted = predicted.astype(object)
+            predicted[probs.max(1) < float(unassigned_threshold)] = UNASSIGNED
+        return predicted
