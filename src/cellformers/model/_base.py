@@ -170,6 +170,9 @@ class FoundationModelBase(UnsupervisedTrainingMixin, BaseModelClass):
         **kwargs,
     ):
         """Train through scvi-tools with minibatches tokenized on the fly by ``tokenize``."""
+        # scvi-tools leaves the module in eval mode after training; Lightning keeps that mode,
+        # which would switch dropout off in a second training run
+        self.module.train()
         datasplitter_kwargs = {
             "collate_fn": TokenizingCollator(tokenize),
             **(datasplitter_kwargs or {}),

@@ -567,7 +567,6 @@ class SCBERT(FoundationModelBase):
         }
         previous = self.module.objective
         self.module.objective = "mlm" if mode == "pretrain" else "classification"
-        self.module.train()  # a model trained before was left in evaluation mode
         for p in frozen:
             p.requires_grad_(False)
         try:
