@@ -12,6 +12,7 @@ integer keys that encode each value's bits and token.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -25,7 +26,9 @@ TieBreak = Literal["deterministic", "official"]
 TARGET_SUM = 10_000.0
 
 # Padded key matrices are sorted in row blocks of at most this many entries (8 bytes each).
-_BLOCK_ELEMENTS = 1 << 22
+_BLOCK_ELEMENTS = 1 << 16
+# Element-wise passes work on chunks of whole rows of about this many elements (cache sized).
+_CHUNK_ELEMENTS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ class _Collapsed(NamedTuple):
     """
 
     cols: np.ndarray  # integer compact column: rank of the token among `tokens`
-    x: np.ndarray  # float64 (summed) count
+    x: np.ndarray  # count: the input's dtype, or float64 where shared tokens are summed
     indptr: np.ndarray  # int64 row pointer into the element arrays
     tokens: np.ndarray  # int64 sorted distinct token ids of the columns
     n_counts: np.ndarray  # float64 per-cell total counts
@@ -179,6 +182,14 @@ def _segment_sums(values: np.ndarray, indptr: np.ndarray, dtype) -> np.ndarray:
     return out
 
 
+def _row_chunks(indptr: np.ndarray) -> list[tuple[int, int]]:
+    """Consecutive row ranges of about ``_CHUNK_ELEMENTS`` elements (whole rows) each."""
+    n_rows = len(indptr) - 1
+    cuts = np.searchsorted(indptr, np.arange(_CHUNK_ELEMENTS, indptr[-1], _CHUNK_ELEMENTS))
+    bounds = np.unique(np.concatenate(([0], cuts, [n_rows]))).tolist()
+    return list(pairwise(bounds))
+
+
 def _check_n_counts(n_counts, n_cells: int, vocab_sums: np.ndarray) -> np.ndarray:
     n_counts = np.asarray(n_counts)
     if n_counts.ndim == 2 and 1 in n_counts.shape:
@@ -229,24 +240,38 @@ def _collapse(
     )
     col_of = np.full(n_cols, -1, dtype=np.int32)
     col_of[used] = compact
-    elem_col = col_of.take(X.indices[: indptr[-1]])
-    keep = elem_col >= 0
-    if data.size and not data.all():  # explicitly stored zeros are not detected genes
-        keep &= data != 0
+    check_zeros = bool(data.size) and not data.all()  # stored zeros are not detected genes
+    check_integer = require_integer and not np.issubdtype(data.dtype, np.integer)
+    cols = np.empty(data.size, dtype=np.int32)
+    x = np.empty(data.size, dtype=data.dtype)  # the input dtype: converted exactly later
     new_indptr = np.zeros(n_cells + 1, dtype=np.int64)
-    np.cumsum(_segment_sums(keep, indptr, np.int64), out=new_indptr[1:])
-    kept = np.flatnonzero(keep)
-    cols = elem_col.take(kept)
-    x = data.take(kept)
-    if require_integer and x.size and not np.issubdtype(x.dtype, np.integer):
+    vocab_sums = np.zeros(n_cells)  # counts of the vocabulary genes (checked against n_counts)
+    n_kept, fractional = 0, False
+    for lo, hi in _row_chunks(indptr):  # cache-sized chunks of whole rows
+        start, stop = int(indptr[lo]), int(indptr[hi])
+        chunk_cols, chunk_x = col_of.take(X.indices[start:stop]), data[start:stop]
+        keep = chunk_cols >= 0
+        if check_zeros:
+            keep &= chunk_x != 0
+        chunk_indptr = indptr[lo : hi + 1] - start
+        if not keep.all():
+            kept_before = np.zeros(stop - start + 1, dtype=np.int64)
+            np.cumsum(keep, out=kept_before[1:])
+            chunk_indptr = kept_before[chunk_indptr]
+            kept = np.flatnonzero(keep)
+            chunk_cols, chunk_x = chunk_cols.take(kept), chunk_x.take(kept)
+        new_indptr[lo + 1 : hi + 1] = n_kept + chunk_indptr[1:]
+        cols[n_kept : n_kept + len(chunk_x)] = chunk_cols
+        x[n_kept : n_kept + len(chunk_x)] = chunk_x
+        n_kept += len(chunk_x)
+        if n_counts is not None:
+            vocab_sums[lo:hi] = _segment_sums(chunk_x, chunk_indptr, np.float64)
+        fractional = fractional or (check_integer and (chunk_x != np.floor(chunk_x)).any())
+    cols, x = cols[:n_kept], x[:n_kept]
+    if fractional:
         _check_integer(x)
-    x = x.astype(np.float64)
-
     if n_counts is None:  # the row sums over all columns: at least the vocabulary's counts
         n_counts = _segment_sums(data, indptr, np.float64)
-        vocab_sums = np.zeros(n_cells)
-    else:
-        vocab_sums = _segment_sums(x, new_indptr, np.float64)
     n_counts = _check_n_counts(n_counts, n_cells, vocab_sums)
 
     shared_token = n_cols_per_token > 1
@@ -299,97 +324,200 @@ def _sum_shared(indptr, cols, x, shared_token, col_of):
     return out_cols, out_x, indptr
 
 
-def _values(c: _Collapsed, medians: np.ndarray) -> np.ndarray:
-    """Geneformer's normalised value of every element, bit for bit as the official code.
+class _Scales(NamedTuple):
+    """The reciprocals that Geneformer's normalisation multiplies each count by."""
+
+    inv_n: np.ndarray  # float64 1 / n_counts of every cell (inf for n_counts == 0)
+    inv_m: np.ndarray  # float64 1 / median of every compact column
+
+
+def _scales(c: _Collapsed, medians: np.ndarray) -> _Scales:
+    """Reciprocals of the cells' total counts and of the columns' gene medians."""
+    with np.errstate(divide="ignore"):
+        inv_n = np.divide(1.0, c.n_counts)
+    return _Scales(inv_n, np.divide(1.0, medians[c.tokens]))
+
+
+def _normalise(inv_n: np.ndarray, x: np.ndarray, inv_m: np.ndarray) -> np.ndarray:
+    """Geneformer's normalised values, bit for bit as the official code; overwrites ``inv_n``.
 
     The official ``X / n_counts[:, None] * 10_000 / medians`` on a SciPy CSR matrix evaluates
     (SciPy >= 1.11) as multiplications by the reciprocals: ``x * (1 / n) * 10_000 * (1 / m)``,
-    all in float64.
+    all in float64 (``x`` converted exactly; float64 multiplication is commutative).
     """
-    with np.errstate(divide="ignore"):
-        inv_n = np.divide(1.0, c.n_counts)
-    inv_m = np.divide(1.0, medians[c.tokens])
-    v = c.x * np.repeat(inv_n, np.diff(c.indptr))  # rows are in CSR order
-    v *= TARGET_SUM
-    v *= inv_m.take(c.cols)
-    return v
+    inv_n *= x
+    inv_n *= TARGET_SUM
+    inv_n *= inv_m
+    return inv_n
+
+
+def _values(c: _Collapsed, scales: _Scales, lo: int = 0, hi: int | None = None) -> np.ndarray:
+    """Normalised float64 value of every element of rows ``lo:hi`` (default: all rows)."""
+    hi = len(c.indptr) - 1 if hi is None else hi
+    start, stop = int(c.indptr[lo]), int(c.indptr[hi])
+    inv_n = np.repeat(scales.inv_n[lo:hi], np.diff(c.indptr[lo : hi + 1]))
+    return _normalise(inv_n, c.x[start:stop], scales.inv_m.take(c.cols[start:stop]))
 
 
 # ----------------------------------------------------------------------------- ranking
-def _rank_keys(c: _Collapsed, v: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, int, int]:
+class _KeyCode(NamedTuple):
+    """How :func:`_rank_keys` encodes a value and a compact column in one ``int64`` key."""
+
+    top: int  # bits of a float64 at least as large as every value
+    shift: int  # number of low value bits dropped (0: keys order values exactly)
+    tb: int  # number of column bits; the all-ones column is never a real one
+
+
+def _key_code(c: _Collapsed, scales: _Scales) -> _KeyCode:
+    """Key encoding for the batch, from bounds on its values (no pass over the values).
+
+    Rounded multiplication of positive numbers is monotonic, so normalising the largest
+    (smallest) count by the largest (smallest) reciprocals bounds every value from above
+    (below). Positive float64 values sort like their bit patterns; the key counts the bits
+    down from the upper bound and must leave ``tb`` bits for the column below ``2**62``.
+    """
+    detected = c.indptr[1:] > c.indptr[:-1]
+    bound = []
+    for pick in (np.max, np.min):
+        value = float(pick(c.x)) * float(pick(scales.inv_n[detected]))
+        bound.append(np.float64(value * TARGET_SUM * float(pick(scales.inv_m))))
+    top, bottom = (int(b.view(np.int64)) for b in bound)
+    tb = len(c.tokens).bit_length()
+    return _KeyCode(top, max(0, (top - bottom).bit_length() - (62 - tb)), tb)
+
+
+def _rank_keys(c: _Collapsed, scales: _Scales, code: _KeyCode, lo: int, hi: int) -> np.ndarray:
     """Sort keys of the elements of rows ``lo:hi``: ascending key = descending value, then token.
 
-    One ``int64`` per element. Positive float64 values sort like their bit patterns. The key holds the value's bits
-    (counted down from the block maximum, shifted right by ``shift`` bits when needed to make
-    room) above the element's compact column (``tb`` bits, ordered like the token ids), and
-    stays below ``2**62`` so that padding with the largest int64 sorts last.
+    One ``int64`` per element, below ``2**62`` so that the largest int64 can pad rows: the
+    value's bits counted down from ``code.top`` and shifted right by ``code.shift``, above the
+    element's compact column (``code.tb`` bits, ordered like the token ids).
     """
-    tb = len(c.tokens).bit_length()  # the all-ones column is never a real one
-    start, stop = int(c.indptr[lo]), int(c.indptr[hi])
-    bits = v[start:stop].view(np.int64)
-    top = int(bits.max())
-    shift = max(0, (top - int(bits.min())).bit_length() - (62 - tb))
-    key = top - bits
-    if shift:
-        key >>= shift
-    key <<= tb
-    key |= c.cols[start:stop]
-    return key, tb, shift
+    key = _values(c, scales, lo, hi).view(np.int64)
+    np.subtract(code.top, key, out=key)
+    if code.shift:
+        key >>= code.shift
+    key <<= code.tb
+    key |= c.cols[c.indptr[lo] : c.indptr[hi]]
+    return key
 
 
-def _rank_deterministic(c: _Collapsed, v: np.ndarray, k: int, out: np.ndarray, pad_id: int) -> None:
+def _preselect(key: np.ndarray, counts: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """Drop the keys that cannot be among the ``limit`` smallest of their row.
+
+    A histogram of each row's keys by their top 8 bits gives the first bin where the row's
+    cumulative count reaches ``limit``; the keys of later bins are dropped. Rows with at most
+    ``limit`` keys keep all of them.
+
+    Returns
+    -------
+    The kept keys (in their order) and the number kept of each row.
+
+    """
+    n_rows = len(counts)
+    bin_of = key >> max(0, int(key.max(initial=0)).bit_length() - 8)  # the key's row-local bin
+    bin_of += np.repeat(np.arange(0, 256 * n_rows, 256, dtype=np.int64), counts)  # global bin
+    cum = np.cumsum(np.bincount(bin_of, minlength=256 * n_rows).reshape(n_rows, 256), axis=1)
+    last = np.minimum((cum < limit).sum(axis=1), 255)  # the bin where `limit` is reached
+    keep = bin_of <= np.repeat(np.arange(0, 256 * n_rows, 256) + last, counts)
+    return key.take(np.flatnonzero(keep)), cum[np.arange(n_rows), last]
+
+
+def _padded_layout(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Place every non-empty row in a padded matrix among rows of similar length.
+
+    Rows are ordered by length and padded to their length rounded up to 8 to 16 steps per
+    power of two (at most 1/8 of padding); the rows with the same padded width are stored one
+    after another as a ``[rows, width]`` matrix in a flat buffer.
+
+    Returns
+    -------
+    rows
+        The non-empty rows, by increasing length.
+    width
+        The padded width of each of ``rows``.
+    start
+        ``int64`` buffer position of each row's first element (all rows; unused for empty
+        ones), followed by the buffer size.
+
+    """
+    order = np.argsort(counts, kind="stable")
+    rows = order[np.count_nonzero(counts == 0) :]
+    length = counts[rows]
+    step = np.left_shift(1, np.maximum(np.frexp(length)[1] - 4, 0))
+    width = -(-length // step) * step
+    start = np.zeros(len(counts) + 1, dtype=np.int64)
+    ends = np.cumsum(width)
+    start[rows[1:]] = ends[:-1]
+    start[-1] = ends[-1] if len(ends) else 0
+    return rows, width, start
+
+
+def _rank_deterministic(
+    c: _Collapsed, scales: _Scales, k: int, out: np.ndarray, pad_id: int
+) -> None:
     """Write the top ``k`` tokens of every row into ``out``: descending value, ties by token.
 
-    Vectorised over blocks of rows: every element gets an integer key that encodes its value
-    and token (:func:`_rank_keys`). In rows longer than ``k + 1``, a histogram of the keys'
-    top 8 bits keeps only the elements that can be among the row's ``k + 1`` smallest keys.
-    The kept keys are padded and sorted along rows with :func:`numpy.sort`. When the keys had
-    to drop low value bits, rows where two neighbouring keys among the first ``k + 1`` share
-    their value bits (equal or nearly equal values, rare) are re-ranked exactly with one
-    :func:`numpy.lexsort`.
+    Vectorised over all rows, in chunks of rows that fit in cache: every element gets an
+    integer key that encodes its value and token (:func:`_rank_keys`). In rows longer than
+    ``k + 1``, the keys that cannot be among the row's ``k + 1`` smallest are dropped
+    (:func:`_preselect`). The kept keys are scattered into padded matrices of rows of similar
+    length (:func:`_padded_layout`), which are sorted along rows with :func:`numpy.sort` in
+    blocks of at most ``_BLOCK_ELEMENTS`` entries. When the keys had to drop low value bits,
+    rows where two neighbouring keys among the first ``k + 1`` share their value bits (equal
+    or nearly equal values, rare) are re-ranked exactly with one :func:`numpy.lexsort`.
     """
     counts = np.diff(c.indptr)
-    n_cells = len(counts)
     limit = k + 1  # one more than kept, to see ties across the cut
-    longest = int(counts.max(initial=0))
-    if longest == 0:
+    if not counts.any():
         return
-    block = max(1, _BLOCK_ELEMENTS // min(longest, 2 * limit))
+    code = _key_code(c, scales)
+    chunks = _row_chunks(c.indptr)
+    keys = (_rank_keys(c, scales, code, lo, hi) for lo, hi in chunks)
+    if counts.max() > limit:  # select first: the layout needs the kept counts
+        selected = [
+            _preselect(key, counts[lo:hi], limit)
+            for key, (lo, hi) in zip(keys, chunks, strict=True)
+        ]
+        keys = (key for key, _ in selected)
+        counts = np.concatenate([n for _, n in selected])
+    rows, width, start = _padded_layout(counts)
+    first = np.zeros(len(counts) + 1, dtype=np.int64)  # each row's first kept key
+    np.cumsum(counts, out=first[1:])
+    buf = np.full(int(start[-1]), np.iinfo(np.int64).max, dtype=np.int64)
+    for key, (lo, hi) in zip(keys, chunks, strict=True):
+        dest = np.repeat(start[lo:hi] - first[lo:hi], counts[lo:hi])  # row start - first key
+        dest += np.arange(first[lo], first[hi], dtype=np.int64)
+        buf[dest] = key
     # Token of each compact column; the all-ones column of padding keys gives `pad_id`.
-    token_of = np.full(1 << len(c.tokens).bit_length(), pad_id, dtype=np.int64)
+    token_of = np.full(1 << code.tb, pad_id, dtype=np.int64)
     token_of[: len(c.tokens)] = c.tokens
+    low = (1 << code.tb) - 1
+    # Blocks: runs of rows with the same padded width, cut to at most _BLOCK_ELEMENTS entries.
+    bounds = [0, *(np.flatnonzero(width[1:] != width[:-1]) + 1).tolist(), len(rows)]
     exact_rows = []
-    for lo in range(0, n_cells, block):
-        hi = min(n_cells, lo + block)
-        b_counts = counts[lo:hi]
-        if not b_counts.any():
-            continue
-        key, tb, shift = _rank_keys(c, v, lo, hi)
-        if (b_counts > limit).any():  # keep the elements that can be among the first `limit`
-            digit = key >> max(0, int(key.max()).bit_length() - 8)
-            rows = np.repeat(np.arange(hi - lo, dtype=np.int64), b_counts)
-            hist = np.bincount(rows * 256 + digit, minlength=(hi - lo) * 256)
-            cum = np.cumsum(hist.reshape(hi - lo, 256), axis=1)
-            keep = digit <= (cum < limit).sum(axis=1)[rows]
-            b_counts = _segment_sums(keep, c.indptr[lo : hi + 1] - c.indptr[lo], np.int64)
-            key = np.compress(keep, key)
-        width = int(b_counts.max())
-        padded = np.full((hi - lo, width), np.iinfo(np.int64).max, dtype=np.int64)
-        padded[np.arange(width) < b_counts[:, None]] = key
-        padded.sort(axis=1)
-        head = padded[:, : min(limit, width)]
-        if shift:  # equal value bits among the first k + 1 keys: exact or near tie
-            prefix = head >> tb
-            n_same = np.count_nonzero(prefix[:, 1:] == prefix[:, :-1], axis=1)
-            pad_pairs = np.maximum(head.shape[1] - 1 - np.minimum(b_counts, limit), 0)
-            exact_rows.append(lo + np.flatnonzero(n_same > pad_pairs))
-        k_out = min(k, width)
-        out[lo:hi, :k_out] = token_of[head[:, :k_out] & ((1 << tb) - 1)]
+    for run_lo, run_hi in pairwise(bounds):
+        w = int(width[run_lo])
+        step = max(1, _BLOCK_ELEMENTS // w)
+        for lo in range(run_lo, run_hi, step):
+            hi = min(run_hi, lo + step)
+            b_rows = rows[lo:hi]
+            s = int(start[b_rows[0]])
+            block = buf[s : s + (hi - lo) * w].reshape(hi - lo, w)
+            block.sort(axis=1)
+            head = block[:, : min(limit, w)]
+            if code.shift:  # equal value bits among the first k + 1 keys: exact or near tie
+                prefix = head >> code.tb
+                n_same = np.count_nonzero(prefix[:, 1:] == prefix[:, :-1], axis=1)
+                pad_pairs = np.maximum(head.shape[1] - 1 - np.minimum(counts[b_rows], limit), 0)
+                exact_rows.append(b_rows[n_same > pad_pairs])
+            k_out = min(k, w, out.shape[1])
+            out[b_rows, :k_out] = token_of.take(head[:, :k_out] & low)
     if exact_rows and (fix := np.concatenate(exact_rows)).size:
-        _rank_exact(c, v, k, out, fix)
+        _rank_exact(c, scales, k, out, fix)
 
 
-def _rank_exact(c: _Collapsed, v: np.ndarray, k: int, out: np.ndarray, rows: np.ndarray) -> None:
+def _rank_exact(c: _Collapsed, scales: _Scales, k: int, out: np.ndarray, rows: np.ndarray) -> None:
     """Exact (descending value, ascending token) ranking of some rows with one lexsort."""
     lengths = np.diff(c.indptr)[rows]
     before = np.zeros(len(rows), dtype=np.int64)
@@ -397,14 +525,17 @@ def _rank_exact(c: _Collapsed, v: np.ndarray, k: int, out: np.ndarray, rows: np.
     position = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(before, lengths)
     elem = np.repeat(c.indptr[:-1][rows], lengths) + position
     which = np.repeat(np.arange(len(rows), dtype=np.int64), lengths)
-    tokens = c.tokens[c.cols[elem]]
-    order = np.lexsort((tokens, -v[elem], which))
+    cols = c.cols[elem]
+    v = _normalise(np.repeat(scales.inv_n[rows], lengths), c.x[elem], scales.inv_m[cols])
+    tokens = c.tokens[cols]
+    order = np.lexsort((tokens, -v, which))
     top = position < k
     out[rows[which[top]], position[top]] = tokens[order][top]
 
 
-def _rank_official(c: _Collapsed, v: np.ndarray, k: int, out: np.ndarray, pad_id: int) -> None:
+def _rank_official(c: _Collapsed, scales: _Scales, k: int, out: np.ndarray, pad_id: int) -> None:
     """Per-cell ``np.argsort(-values)`` on the official column order (slow path)."""
+    v = _values(c, scales)
     elem_tokens = c.tokens[c.cols]
     for i in range(len(c.indptr) - 1):
         s, e = int(c.indptr[i]), int(c.indptr[i + 1])
@@ -567,7 +698,7 @@ def tokenize_geneformer(
     vocab_size = medians.shape[0] if medians.ndim == 1 else None
     c = _collapse(X, gene_ids, n_counts, require_integer=require_integer, vocab_size=vocab_size)
     medians = _check_medians(medians, c.tokens)
-    v = _values(c, medians)
+    scales = _scales(c, medians)
     k = max_len - 2 if special else max_len
     n_genes = np.diff(c.indptr).astype(np.int64)
     kept = np.minimum(n_genes, k)
@@ -577,7 +708,7 @@ def tokenize_geneformer(
     input_ids = np.full((n_cells, int(lengths.max(initial=0))), pad_id, dtype=np.int64)
     body = input_ids[:, offset : offset + int(kept.max(initial=0))]
     rank = _rank_official if tie_break == "official" else _rank_deterministic
-    rank(c, v, k, body, pad_id)
+    rank(c, scales, k, body, pad_id)
     if special:
         input_ids[:, 0] = cls_id
         input_ids[np.arange(n_cells), lengths - 1] = eos_id
