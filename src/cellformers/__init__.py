@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import data, genes, model, module, nn, pretrained, tokenize, train
+from . import data, genes, model, module, nn, pl, pretrained, tl, tokenize, train
 from ._settings import settings
 
 try:
@@ -16,8 +16,10 @@ __all__ = [
     "model",
     "module",
     "nn",
+    "pl",
     "pretrained",
     "settings",
+    "tl",
     "tokenize",
     "train",
 ]

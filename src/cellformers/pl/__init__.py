@@ -1,0 +1,3 @@
+"""Plotting functions (scanpy/matplotlib styling)."""
+
+__all__: list[str] = []
