@@ -1,3 +1,7 @@
 """Plotting functions (scanpy/matplotlib styling)."""
 
-__all__: list[str] = []
+from ._perturbation import perturbation_effect
+
+__all__: list[str] = [
+    "perturbation_effect",
+]

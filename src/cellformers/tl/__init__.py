@@ -1,3 +1,15 @@
 """Scanpy-style tools over the model API: results are written into AnnData."""
 
-__all__: list[str] = []
+from ._perturbation import (
+    evaluate_perturbation,
+    perturbation_baseline,
+    perturbation_means,
+    summarize_perturbation_metrics,
+)
+
+__all__: list[str] = [
+    "evaluate_perturbation",
+    "perturbation_baseline",
+    "perturbation_means",
+    "summarize_perturbation_metrics",
+]
