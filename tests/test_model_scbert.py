@@ -175,14 +175,14 @@ def test_pretrain_finetune_predict_save_load(adata, data, tmp_path):
     assert set(hard) <= set(adata.obs["cell_line"].unique())
     np.testing.assert_array_equal(hard, soft.columns.to_numpy()[soft.to_numpy().argmax(1)])
     np.testing.assert_allclose(soft.sum(1), 1.0, rtol=1e-5)
-    unassigned = model.predict_celltype(unassigned_threshold=1.0)
+    unassigned = model.predict_celltype(unknown_threshold=1.0)
     assert (unassigned == "Unassigned").all()
-    np.testing.assert_array_equal(model.predict_celltype(unassigned_threshold=0.0), hard)
+    np.testing.assert_array_equal(model.predict_celltype(unknown_threshold=0.0), hard)
     low = soft.max(1).to_numpy() < 0.5
-    mixed = model.predict_celltype(unassigned_threshold=0.5)
+    mixed = model.predict_celltype(unknown_threshold=0.5)
     np.testing.assert_array_equal(mixed == "Unassigned", low)
     with pytest.raises(ValueError, match="hard predictions"):
-        model.predict_celltype(soft=True, unassigned_threshold=0.5)
+        model.predict_celltype(soft=True, unknown_threshold=0.5)
     with pytest.raises(ValueError, match="masked-expression head"):
         model.train(max_epochs=1)
     with pytest.raises(ValueError, match="freeze_layers"):

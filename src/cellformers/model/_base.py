@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from uuid import uuid4
 
 import numpy as np
@@ -28,6 +28,7 @@ from ..train import PretrainingPlan
 logger = logging.getLogger(__name__)
 
 _CHUNK_CELLS = 8192
+MODES: tuple[str, ...] = ("pretrain", "finetune")
 _SCVI_UUID_KEY = "_scvi_uuid"  # where scvi-tools keeps an AnnData's registration id (adata.uns)
 
 
@@ -59,6 +60,8 @@ class FoundationModelBase(UnsupervisedTrainingMixin, BaseModelClass):
     """
 
     _training_plan_cls = PretrainingPlan
+    _unknown_label = "unknown"  # label of cells below `unknown_threshold` in predict_celltype
+    finetuned_ = False  # whether the classification head has been trained
 
     # ------------------------------------------------------------------ registration
     @classmethod
@@ -243,3 +246,219 @@ class FoundationModelBase(UnsupervisedTrainingMixin, BaseModelClass):
         if out is None:
             raise ValueError("No cells selected.")
         return out
+
+    # ------------------------------------------------------------------ labels
+    def _has_labels(self) -> bool:
+        """Whether the model's AnnData was set up with a ``labels_key``."""
+        if self.adata_manager is None:
+            return False
+        return self.adata_manager.registry["setup_args"].get("labels_key") is not None
+
+    def _label_names(self) -> np.ndarray:
+        """Return the registered label categories, in the order of the classifier's outputs."""
+        return np.asarray(self.get_state_registry(REGISTRY_KEYS.LABELS_KEY).categorical_mapping)
+
+    # ------------------------------------------------------------------ fine-tuning hooks
+    def _backbone_layers(self) -> Sequence[torch.nn.Module]:  # pragma: no cover - abstract
+        """Return the encoder layers in order (``freeze_layers=k`` keeps the first ``k`` fixed)."""
+        raise NotImplementedError
+
+    def _head_modules(self) -> Sequence[torch.nn.Module]:  # pragma: no cover - abstract
+        """Return the classification head (the only part trained with ``freeze_layers="all"``)."""
+        raise NotImplementedError
+
+    def _class_logits(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover
+        """Class logits ``[batch, n_labels]`` of a token batch."""
+        raise NotImplementedError
+
+    def _prepare_classifier(self, n_classes: int) -> None:
+        """Make sure the module has a head for ``n_classes`` classes (may build one)."""
+        if self.module.n_labels != n_classes:
+            raise ValueError(
+                f"The model's classification head has {self.module.n_labels} classes but the "
+                f"registered labels have {n_classes}; build the model with this AnnData's labels."
+            )
+
+    def _check_cells(self, adata: AnnData, indices: np.ndarray) -> None:
+        """Reject cells the model cannot read (hook; every cell is fine by default)."""
+
+    def _frozen_parameters(self, freeze_layers: int | str) -> list[torch.nn.Parameter]:
+        """Trainable parameters to hold fixed for ``freeze_layers`` (an int or ``"all"``)."""
+        layers = list(self._backbone_layers())
+        if isinstance(freeze_layers, str):
+            if freeze_layers != "all":
+                raise ValueError(
+                    f"freeze_layers must be an integer or 'all', got {freeze_layers!r}."
+                )
+            keep = {id(p) for m in self._head_modules() for p in m.parameters()}
+            return [p for p in self.module.parameters() if p.requires_grad and id(p) not in keep]
+        if isinstance(freeze_layers, bool) or not 0 <= int(freeze_layers) <= len(layers):
+            raise ValueError(
+                f"freeze_layers must be in [0, {len(layers)}] or 'all', got {freeze_layers!r}."
+            )
+        return [
+            p
+            for layer in layers[: int(freeze_layers)]
+            for p in layer.parameters()
+            if p.requires_grad
+        ]
+
+    def _class_weight_tensor(
+        self, class_weight: str | Mapping[str, float] | None
+    ) -> torch.Tensor | None:
+        """Per-class loss weights: ``"balanced"`` (``n / (k * n_c)``) or a label -> weight map."""
+        if class_weight is None:
+            return None
+        names = self._label_names()
+        if isinstance(class_weight, str):
+            if class_weight != "balanced":
+                raise ValueError(
+                    f"class_weight must be None, 'balanced' or a mapping label -> weight, got "
+                    f"{class_weight!r}."
+                )
+            codes = np.asarray(self.get_from_registry(self.adata, REGISTRY_KEYS.LABELS_KEY))
+            counts = np.bincount(codes.reshape(-1).astype(np.int64), minlength=len(names))
+            present = counts > 0
+            weights = np.zeros(len(names))
+            weights[present] = counts.sum() / (present.sum() * counts[present])
+        elif isinstance(class_weight, Mapping):
+            unknown = sorted(set(map(str, class_weight)) - set(map(str, names)))
+            if unknown:
+                raise ValueError(f"class_weight names labels that are not registered: {unknown}.")
+            weights = np.array([float(class_weight.get(str(n), 1.0)) for n in names])
+            if not np.all(np.isfinite(weights)) or (weights < 0).any() or weights.sum() <= 0:
+                raise ValueError("class_weight values must be finite, >= 0 and not all zero.")
+        else:
+            raise TypeError(
+                f"class_weight must be None, 'balanced' or a mapping, got {type(class_weight)}."
+            )
+        return torch.as_tensor(weights, dtype=torch.float32)
+
+    def _run_training(
+        self,
+        *,
+        mode: str,
+        freeze_layers: int | str,
+        class_weight: str | Mapping[str, float] | None,
+        max_epochs: int | None,
+        batch_size: int,
+        plan_kwargs: dict,
+        datasplitter_kwargs: dict | None,
+        **kwargs,
+    ):
+        """Pretrain (``mode="pretrain"``) or fine-tune the classifier (``"finetune"``).
+
+        Shared by every model class: checks the labels, builds or checks the head, holds the
+        frozen parameters fixed, sets the class weights and the module's objective for the run
+        (restoring them afterwards, also on error) and, for fine-tuning with
+        ``early_stopping=True``, monitors the validation macro-F1 unless told otherwise.
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+        finetune = mode == "finetune"
+        weights = None
+        if finetune:
+            if not self._has_labels():
+                raise ValueError(
+                    "Fine-tuning needs labels: register them with "
+                    f"`{type(self).__name__}.setup_anndata(adata, labels_key=...)` and build the "
+                    "model again."
+                )
+            self._prepare_classifier(len(self._label_names()))
+            weights = self._class_weight_tensor(class_weight)
+            if kwargs.get("early_stopping"):
+                kwargs.setdefault("early_stopping_monitor", "macro_f1_validation")
+                kwargs.setdefault("early_stopping_mode", "max")
+        elif class_weight is not None:
+            raise ValueError("class_weight applies to fine-tuning (mode='finetune').")
+        frozen = self._frozen_parameters(freeze_layers)
+        self._check_cells(self.adata, np.arange(self.adata.n_obs))
+        previous = self.module.objective
+        self.module.objective = "classification" if finetune else "mlm"
+        self.module.class_weights = weights
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            result = self._train_on_tokens(
+                self._tokenizer(self.adata),
+                max_epochs=max_epochs,
+                batch_size=batch_size,
+                plan_kwargs=plan_kwargs,
+                datasplitter_kwargs=datasplitter_kwargs,
+                **kwargs,
+            )
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+            self.module.objective = previous
+            self.module.class_weights = None
+        if finetune:
+            self.finetuned_ = True
+        return result
+
+    # ------------------------------------------------------------------ classification
+    def predict_celltype(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | np.ndarray | None = None,
+        batch_size: int | None = None,
+        soft: bool = False,
+        unknown_threshold: float | None = None,
+    ) -> np.ndarray | pd.DataFrame:
+        """Predict the registered labels with the fine-tuned classification head.
+
+        Parameters
+        ----------
+        adata
+            AnnData to classify (any gene set); defaults to the model's AnnData.
+        indices
+            Cells to classify (positions or boolean mask); all by default.
+        batch_size
+            Cells per forward pass (default 64); predictions do not depend on it.
+        soft
+            Return class probabilities (softmax of the logits) instead of labels.
+        unknown_threshold
+            Give a cell the label ``"unknown"`` (scBERT: ``"Unassigned"``) when its highest
+            class probability is below this value; by default every cell gets its most likely
+            label. Only for hard predictions.
+
+        Returns
+        -------
+        An array of predicted labels, or with ``soft=True`` a DataFrame of probabilities with
+        one column per label, indexed by cell name.
+
+        """
+        n_labels = getattr(self.module, "n_labels", 0)
+        if n_labels == 0:
+            raise ValueError(
+                "This model has no classification head: register `labels_key` in setup_anndata "
+                "and run `train(mode='finetune')` (or load a fine-tuned checkpoint)."
+            )
+        if unknown_threshold is not None:
+            if soft:
+                raise ValueError("unknown_threshold applies to hard predictions (soft=False).")
+            if not 0.0 <= float(unknown_threshold) <= 1.0:
+                raise ValueError(
+                    f"unknown_threshold must be a probability in [0, 1], got {unknown_threshold}."
+                )
+        if not self.finetuned_:
+            logger.warning(
+                "The classification head has not been fine-tuned; predictions are random."
+            )
+        adata = self._validate_anndata(adata)
+        indices = _resolve_indices(indices, adata.n_obs)
+        self._check_cells(adata, indices)
+        probs = self._map_cells(
+            adata,
+            indices,
+            batch_size,
+            lambda t: torch.softmax(self._class_logits(t).float(), -1),
+        )
+        labels = self._label_names() if self._has_labels() else np.arange(n_labels).astype(str)
+        if soft:
+            return pd.DataFrame(probs, index=adata.obs_names[indices], columns=labels)
+        predicted = labels[probs.argmax(1)]
+        if unknown_threshold is not None:
+            predicted = predicted.astype(object)
+            predicted[probs.max(1) < float(unknown_threshold)] = self._unknown_label
+        return predicted

@@ -481,14 +481,6 @@ class Geneformer(FoundationModelBase):
         return folder
 
     # ------------------------------------------------------------------ genes and tokens
-    def _has_labels(self) -> bool:
-        if self.adata_manager is None:
-            return False
-        return self.adata_manager.registry["setup_args"].get("labels_key") is not None
-
-    def _label_names(self) -> np.ndarray:
-        return np.asarray(self.get_state_registry(REGISTRY_KEYS.LABELS_KEY).categorical_mapping)
-
     def _corpus_medians(self, adata: AnnData, token_dictionary: dict[str, int]) -> dict[str, float]:
         """Non-zero median of ``counts / total * 10,000`` per gene of ``adata`` (a new corpus)."""
         manager = self.get_anndata_manager(adata, required=True)
@@ -543,7 +535,7 @@ class Geneformer(FoundationModelBase):
     def _special_tokens(self) -> bool:
         return "<cls>" in self.vocab
 
-    def _check_no_empty_cells(self, adata: AnnData, indices: np.ndarray) -> None:
+    def _check_cells(self, adata: AnnData, indices: np.ndarray) -> None:
         """Raise before any work if a selected cell has no gene of the token dictionary."""
         tokenizer = self._tokenizer(adata)
         X = self.get_anndata_manager(adata, required=True).get_from_registry(REGISTRY_KEYS.X_KEY)
@@ -566,7 +558,8 @@ class Geneformer(FoundationModelBase):
         max_epochs: int | None = None,
         *,
         mode: Literal["pretrain", "finetune"] = "pretrain",
-        freeze_layers: int = 0,
+        freeze_layers: int | Literal["all"] = 0,
+        class_weight: str | Mapping[str, float] | None = None,
         batch_size: int = 12,
         lr: float | None = None,
         weight_decay: float = 0.001,
@@ -593,7 +586,12 @@ class Geneformer(FoundationModelBase):
             ``"pretrain"`` or ``"finetune"``.
         freeze_layers
             Keep the first ``freeze_layers`` encoder layers fixed (the embeddings still train),
-            as the official ``Classifier(freeze_layers=...)``.
+            as the official ``Classifier(freeze_layers=...)``; ``"all"`` trains only the
+            classification head (pooler and classifier).
+        class_weight
+            Fine-tuning only: ``"balanced"`` weights each class's cross-entropy by
+            ``n_cells / (n_classes * n_cells_in_class)`` (for imbalanced labels), or a mapping
+            label -> weight (unlisted labels weigh 1).
         batch_size
             Cells per minibatch (official default 12).
         lr
@@ -609,31 +607,15 @@ class Geneformer(FoundationModelBase):
             Passed to scvi-tools' ``DataSplitter`` (e.g. ``num_workers``).
         **kwargs
             Passed to :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` and Lightning's
-            ``Trainer`` (``train_size``, ``early_stopping``, ``accelerator``, ``max_time`` …).
+            ``Trainer`` (``train_size``, ``accelerator``, ``max_time`` …). With
+            ``early_stopping=True`` fine-tuning stops when the validation macro-F1
+            (``macro_f1_validation``) stops improving.
 
         """
-        if mode not in ("pretrain", "finetune"):
-            raise ValueError(f"mode must be 'pretrain' or 'finetune', got {mode!r}.")
-        layers = self.module.encoder.layers
-        if not 0 <= freeze_layers <= len(layers):
-            raise ValueError(f"freeze_layers must be in [0, {len(layers)}], got {freeze_layers}.")
-        if mode == "finetune":
-            if not self._has_labels():
-                raise ValueError(
-                    "Fine-tuning needs labels: register them with "
-                    "`Geneformer.setup_anndata(adata, labels_key=...)` and build the model again."
-                )
-            if self.module.n_labels != len(self._label_names()):
-                raise ValueError(
-                    f"The model's classification head has {self.module.n_labels} classes but the "
-                    f"registered labels have {len(self._label_names())}; build the model with this "
-                    "AnnData's labels."
-                )
-        elif self.module.mlm_head is None:
+        if mode == "pretrain" and self.module.mlm_head is None:
             raise ValueError(
                 "This model has no masked-gene head (a classifier checkpoint); use mode='finetune'."
             )
-        self._check_no_empty_cells(self.adata, np.arange(self.adata.n_obs))
         lr = (1e-3 if mode == "pretrain" else 5e-5) if lr is None else lr
         plan_kwargs = {
             "lr": lr,
@@ -647,29 +629,16 @@ class Geneformer(FoundationModelBase):
             and self.module.classifier is not None
         ):
             kwargs["strategy"] = "ddp_find_unused_parameters_true"  # one head idles per objective
-        frozen = [
-            p for layer in layers[:freeze_layers] for p in layer.parameters() if p.requires_grad
-        ]
-        previous = self.module.objective
-        self.module.objective = "mlm" if mode == "pretrain" else "classification"
-        for p in frozen:
-            p.requires_grad_(False)
-        try:
-            result = self._train_on_tokens(
-                self._tokenizer(self.adata),
-                max_epochs=max_epochs,
-                batch_size=batch_size,
-                plan_kwargs=plan_kwargs,
-                datasplitter_kwargs=datasplitter_kwargs,
-                **kwargs,
-            )
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
-            self.module.objective = previous
-        if mode == "finetune":
-            self.finetuned_ = True
-        return result
+        return self._run_training(
+            mode=mode,
+            freeze_layers=freeze_layers,
+            class_weight=class_weight,
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            plan_kwargs=plan_kwargs,
+            datasplitter_kwargs=datasplitter_kwargs,
+            **kwargs,
+        )
 
     # ------------------------------------------------------------------ embeddings
     def _layer_depth(self, layer: int) -> int:
@@ -742,7 +711,7 @@ class Geneformer(FoundationModelBase):
     def _embed(self, adata, indices, batch_size, pooling: str, depth: int) -> np.ndarray:
         adata = self._validate_anndata(adata)
         indices = _resolve_indices(indices, adata.n_obs)
-        self._check_no_empty_cells(adata, indices)
+        self._check_cells(adata, indices)
         return self._map_cells(
             adata,
             indices,
@@ -751,58 +720,14 @@ class Geneformer(FoundationModelBase):
         )
 
     # ------------------------------------------------------------------ classification
-    def predict_celltype(
-        self,
-        adata: AnnData | None = None,
-        indices: Sequence[int] | np.ndarray | None = None,
-        batch_size: int | None = None,
-        soft: bool = False,
-    ) -> np.ndarray | pd.DataFrame:
-        """Predict the registered labels with the fine-tuned classification head.
+    def _backbone_layers(self):
+        return self.module.encoder.layers
 
-        Parameters
-        ----------
-        adata
-            AnnData to classify (any gene set); defaults to the model's AnnData.
-        indices
-            Cells to classify; all by default.
-        batch_size
-            Cells per forward pass (default 64).
-        soft
-            Return class probabilities instead of labels.
+    def _head_modules(self):
+        return [m for m in (self.module.pooler, self.module.classifier) if m is not None]
 
-        Returns
-        -------
-        An array of predicted labels, or with ``soft=True`` a DataFrame of probabilities with
-        one column per label, indexed by cell name.
-
-        """
-        if self.module.n_labels == 0:
-            raise ValueError(
-                "This model has no classification head: register `labels_key` in setup_anndata, "
-                "build the model, and `train(mode='finetune')`."
-            )
-        if not self.finetuned_:
-            logger.warning(
-                "The classification head has not been fine-tuned; predictions are random."
-            )
-        adata = self._validate_anndata(adata)
-        indices = _resolve_indices(indices, adata.n_obs)
-        self._check_no_empty_cells(adata, indices)
-        probs = self._map_cells(
-            adata,
-            indices,
-            batch_size,
-            lambda t: torch.softmax(self.module.classify(t["input_ids"], t["lengths"]).float(), -1),
-        )
-        labels = (
-            self._label_names()
-            if self._has_labels()
-            else np.arange(self.module.n_labels).astype(str)
-        )
-        if soft:
-            return pd.DataFrame(probs, index=adata.obs_names[indices], columns=labels)
-        return labels[probs.argmax(1)]
+    def _class_logits(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.module.classify(tensors["input_ids"], tensors["lengths"])
 
     # ------------------------------------------------------------------ perturbation
     def perturb(
@@ -891,7 +816,7 @@ class Geneformer(FoundationModelBase):
             indices, states = self._state_embeddings(
                 adata, indices, cell_states, batch_size, pooling, depth
             )
-        self._check_no_empty_cells(adata, indices)
+        self._check_cells(adata, indices)
         batch_size = 16 if batch_size is None else int(batch_size)
         state_names = list(states)
         state_matrix = (

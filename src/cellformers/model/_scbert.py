@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -21,11 +21,10 @@ from ..genes import GeneVocab, match_genes
 from ..module import SCBERTModule
 from ..pretrained import load_scbert_state_dict, read_scbert_checkpoint
 from ..tokenize import scbert_sequence_lengths, tokenize_scbert
-from ._base import FoundationModelBase, _resolve_indices
+from ._base import FoundationModelBase
 
 logger = logging.getLogger(__name__)
 
-UNASSIGNED = "Unassigned"
 _POOLINGS = ("mean", "expressed", "last")
 
 
@@ -168,11 +167,13 @@ class SCBERT(FoundationModelBase):
     >>> model = cf.model.SCBERT(adata, dim=32, depth=2, heads=2, dim_head=16)
     >>> model.train(max_epochs=2)  # masked-expression pretraining
     >>> model.train(mode="finetune", max_epochs=2)  # cell-line classification
-    >>> adata.obs["prediction"] = model.predict_celltype(unassigned_threshold=0.5)
+    >>> adata.obs["prediction"] = model.predict_celltype(unknown_threshold=0.5)
 
     """
 
     _module_cls = SCBERTModule
+
+    _unknown_label = "Unassigned"  # predict.py's label for low-confidence cells
 
     def __init__(
         self,
@@ -409,14 +410,6 @@ class SCBERT(FoundationModelBase):
             )
 
     # ------------------------------------------------------------------ genes and tokens
-    def _has_labels(self) -> bool:
-        if self.adata_manager is None:
-            return False
-        return self.adata_manager.registry["setup_args"].get("labels_key") is not None
-
-    def _label_names(self) -> np.ndarray:
-        return np.asarray(self.get_state_registry(REGISTRY_KEYS.LABELS_KEY).categorical_mapping)
-
     def _gene_panel_ids(self, adata: AnnData) -> np.ndarray:
         """Panel position of every column of ``adata`` (-1 outside the panel), coverage-checked."""
         names = self._gene_names(adata)
@@ -463,7 +456,8 @@ class SCBERT(FoundationModelBase):
         max_epochs: int | None = None,
         *,
         mode: Literal["pretrain", "finetune"] = "pretrain",
-        freeze_layers: int | Literal["official"] = 0,
+        freeze_layers: int | Literal["all", "official"] = 0,
+        class_weight: str | Mapping[str, float] | None = None,
         batch_size: int = 8,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
@@ -491,8 +485,13 @@ class SCBERT(FoundationModelBase):
             ``"pretrain"`` or ``"finetune"``.
         freeze_layers
             An integer ``k`` keeps the first ``k`` Performer layers fixed (the embeddings still
-            train). ``"official"`` trains only what ``finetune.py`` unfreezes: the
-            second-to-last Performer layer, the final norm and the head.
+            train); ``"all"`` trains only the head; ``"official"`` trains only what
+            ``finetune.py`` unfreezes: the second-to-last Performer layer, the final norm and
+            the head.
+        class_weight
+            Fine-tuning only: ``"balanced"`` weights each class's cross-entropy by
+            ``n_cells / (n_classes * n_cells_in_class)`` (for imbalanced labels), or a mapping
+            label -> weight (unlisted labels weigh 1).
         batch_size
             Cells per minibatch (official: 3 with 60 gradient-accumulation steps).
         lr
@@ -507,84 +506,54 @@ class SCBERT(FoundationModelBase):
             Passed to scvi-tools' ``DataSplitter`` (e.g. ``num_workers``).
         **kwargs
             Passed to :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` and Lightning's
-            ``Trainer`` (``train_size``, ``early_stopping``, ``accelerator``,
-            ``accumulate_grad_batches`` …).
+            ``Trainer`` (``train_size``, ``accelerator``, ``accumulate_grad_batches`` …).
+            With ``early_stopping=True`` fine-tuning stops when the validation macro-F1
+            (``macro_f1_validation``) stops improving.
 
         """
-        if mode not in ("pretrain", "finetune"):
-            raise ValueError(f"mode must be 'pretrain' or 'finetune', got {mode!r}.")
-        layers = self.module.performer.net.layers
-        official = isinstance(freeze_layers, str)
-        if official and freeze_layers != "official":
-            raise ValueError(
-                f"freeze_layers must be an integer or 'official', got {freeze_layers!r}."
-            )
-        if not official and not 0 <= int(freeze_layers) <= len(layers):
-            raise ValueError(f"freeze_layers must be in [0, {len(layers)}], got {freeze_layers}.")
-        if mode == "finetune":
-            if not self._has_labels():
-                raise ValueError(
-                    "Fine-tuning needs labels: register them with "
-                    "`SCBERT.setup_anndata(adata, labels_key=...)` and build the model again."
-                )
-            n_classes = len(self._label_names())
-            if self.module.n_labels == 0:
-                self._replace_head(n_classes)
-            elif self.module.n_labels != n_classes:
-                raise ValueError(
-                    f"The model's classification head has {self.module.n_labels} classes but the "
-                    f"registered labels have {n_classes}; build the model with this AnnData's "
-                    "labels."
-                )
-        elif self.module.n_labels > 0:
-            raise ValueError(
-                "This model has the fine-tuning head (a classifier); masked pretraining needs "
-                "the masked-expression head. Use mode='finetune', or build a new model."
-            )
-        layers = self.module.performer.net.layers  # the module is new after a head swap
-        if official:
-            trainable = {
-                id(p)
-                for part in (layers[-2] if len(layers) > 1 else layers[-1], self.module.norm,
-                             self.module.to_out)
-                for p in part.parameters()
-            }  # fmt: skip
-            frozen = [
-                p for p in self.module.parameters() if p.requires_grad and id(p) not in trainable
-            ]
-        else:
-            frozen = [
-                p
-                for layer in layers[: int(freeze_layers)]
-                for p in layer.parameters()
-                if p.requires_grad
-            ]
         plan_kwargs = {
             "lr": lr,
             "weight_decay": weight_decay,
             "warmup_ratio": warmup_ratio,
             **(plan_kwargs or {}),
         }
-        previous = self.module.objective
-        self.module.objective = "mlm" if mode == "pretrain" else "classification"
-        for p in frozen:
-            p.requires_grad_(False)
-        try:
-            result = self._train_on_tokens(
-                self._tokenizer(self.adata),
-                max_epochs=max_epochs,
-                batch_size=batch_size,
-                plan_kwargs=plan_kwargs,
-                datasplitter_kwargs=datasplitter_kwargs,
-                **kwargs,
-            )
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
-            self.module.objective = previous
-        if mode == "finetune":
-            self.finetuned_ = True
-        return result
+        return self._run_training(
+            mode=mode,
+            freeze_layers=freeze_layers,
+            class_weight=class_weight,
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            plan_kwargs=plan_kwargs,
+            datasplitter_kwargs=datasplitter_kwargs,
+            **kwargs,
+        )
+
+    def _backbone_layers(self):
+        return self.module.performer.net.layers
+
+    def _head_modules(self):
+        return [self.module.to_out]
+
+    def _class_logits(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.module.classify(tensors["input_ids"])
+
+    def _prepare_classifier(self, n_classes: int) -> None:
+        if self.module.n_labels == 0:
+            self._replace_head(n_classes)  # finetune.py replaces the masked-expression head
+        super()._prepare_classifier(n_classes)
+
+    def _frozen_parameters(self, freeze_layers: int | str) -> list[torch.nn.Parameter]:
+        if freeze_layers != "official":
+            return super()._frozen_parameters(freeze_layers)
+        layers = self._backbone_layers()
+        # finetune.py trains only the second-to-last Performer layer, the final norm and the head
+        parts = (
+            layers[-2] if len(layers) > 1 else layers[-1],
+            self.module.norm,
+            self.module.to_out,
+        )
+        trainable = {id(p) for part in parts for p in part.parameters()}
+        return [p for p in self.module.parameters() if p.requires_grad and id(p) not in trainable]
 
     # ------------------------------------------------------------------ embeddings
     def _pool(self, input_ids: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -638,73 +607,3 @@ class SCBERT(FoundationModelBase):
         return self._map_cells(
             adata, indices, batch_size, lambda t: self._pool(t["input_ids"], pooling)
         )
-
-    # ------------------------------------------------------------------ classification
-    def predict_celltype(
-        self,
-        adata: AnnData | None = None,
-        indices: Sequence[int] | np.ndarray | None = None,
-        batch_size: int | None = None,
-        soft: bool = False,
-        unassigned_threshold: float | None = None,
-    ) -> np.ndarray | pd.DataFrame:
-        """Predict the registered labels with the fine-tuned classification head.
-
-        Parameters
-        ----------
-        adata
-            AnnData to classify (any gene set); defaults to the model's AnnData.
-        indices
-            Cells to classify; all by default.
-        batch_size
-            Cells per forward pass (default 64).
-        soft
-            Return class probabilities (softmax of the logits) instead of labels.
-        unassigned_threshold
-            Label a cell ``"Unassigned"`` when its highest probability is below this value
-            (``predict.py --novel_type True`` uses 0.5); by default every cell gets its most
-            likely label. Only for hard predictions.
-
-        Returns
-        -------
-        An array of predicted labels, or with ``soft=True`` a DataFrame of probabilities with
-        one column per label, indexed by cell name.
-
-        """
-        if self.module.n_labels == 0:
-            raise ValueError(
-                "This model has no classification head: register `labels_key` in setup_anndata "
-                "and run `train(mode='finetune')` (or load a fine-tuned checkpoint)."
-            )
-        if unassigned_threshold is not None:
-            if soft:
-                raise ValueError("unassigned_threshold applies to hard predictions (soft=False).")
-            if not 0.0 <= float(unassigned_threshold) <= 1.0:
-                raise ValueError(
-                    f"unassigned_threshold must be a probability in [0, 1], got "
-                    f"{unassigned_threshold}."
-                )
-        if not self.finetuned_:
-            logger.warning(
-                "The classification head has not been fine-tuned; predictions are random."
-            )
-        adata = self._validate_anndata(adata)
-        indices = _resolve_indices(indices, adata.n_obs)
-        probs = self._map_cells(
-            adata,
-            indices,
-            batch_size,
-            lambda t: torch.softmax(self.module.classify(t["input_ids"]).float(), -1),
-        )
-        labels = (
-            self._label_names()
-            if self._has_labels()
-            else np.arange(self.module.n_labels).astype(str)
-        )
-        if soft:
-            return pd.DataFrame(probs, index=adata.obs_names[indices], columns=labels)
-        predicted = labels[probs.argmax(1)]
-        if unassigned_threshold is not None:
-            predicted = predicted.astype(object)
-            predicted[probs.max(1) < float(unassigned_threshold)] = UNASSIGNED
-        return predicted

@@ -15,6 +15,7 @@ from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
 
 from ..nn import MaskedLMHead, TransformerEncoder, TransformerEncoderLayer
+from ._classification import ClassifierMixin
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class GeneformerEmbeddings(nn.Module):
         return self.dropout(self.norm(x))
 
 
-class GeneformerModule(BaseModuleClass):
+class GeneformerModule(ClassifierMixin, BaseModuleClass):
     """Geneformer: a post-norm BERT encoder with a tied masked-LM head and an optional classifier.
 
     Submodules (and state-dict prefixes): ``embeddings`` (:class:`GeneformerEmbeddings`),
@@ -595,27 +596,6 @@ class GeneformerModule(BaseModuleClass):
             loss=ce.mean(),
             reconstruction_loss=per_cell,
             extra_metrics={"mlm_accuracy": accuracy.detach()},
-        )
-
-    def _classification_loss(self, tensors: dict[str, torch.Tensor], logits: torch.Tensor):
-        labels = tensors.get(REGISTRY_KEYS.LABELS_KEY)
-        if labels is None:
-            raise KeyError(
-                f"The minibatch has no {REGISTRY_KEYS.LABELS_KEY!r}; classification needs labels "
-                "(register a labels_key in setup_anndata)."
-            )
-        labels = labels.reshape(-1).to(logits.device).long()
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.n_labels):
-            raise ValueError(
-                f"Label codes must be in [0, {self.n_labels}); got values in "
-                f"[{int(labels.min())}, {int(labels.max())}]."
-            )
-        ce = F.cross_entropy(logits.float(), labels, reduction="none")
-        accuracy = (logits.argmax(dim=-1) == labels).float().mean()
-        return LossOutput(
-            loss=ce.mean(),
-            reconstruction_loss=ce,
-            extra_metrics={"accuracy": accuracy.detach()},
         )
 
     def sample(self, *args, **kwargs):

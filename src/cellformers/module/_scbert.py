@@ -13,12 +13,12 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scvi import REGISTRY_KEYS
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
 
 from ..nn import Performer
 from ..nn._performer import STABILIZERS
+from ._classification import ClassifierMixin
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def _position_table(gene2vec, n_genes: int, dim: int) -> torch.Tensor:
     return table.clone()
 
 
-class SCBERTModule(BaseModuleClass):
+class SCBERTModule(ClassifierMixin, BaseModuleClass):
     """scBERT: token + gene2vec embeddings, a pre-norm Performer, a final norm and one head.
 
     The input of one cell is ``n_genes + 1`` tokens: the binned expression of each panel gene in
@@ -305,8 +305,9 @@ class SCBERTModule(BaseModuleClass):
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {value!r}.")
         if value == "mlm" and self.n_labels > 0:
             raise ValueError(
-                "objective 'mlm' needs the masked-LM head, but this module has the fine-tuning "
-                "head in to_out (built with n_labels > 0); build it with n_labels=0."
+                "Masked pretraining (objective 'mlm') needs the masked-expression head, but this "
+                "module has the fine-tuning head in to_out (built with n_labels > 0); use "
+                "mode='finetune', or build a new model with n_labels=0."
             )
         if value == "classification" and self.n_labels == 0:
             raise ValueError(
@@ -596,27 +597,6 @@ class SCBERTModule(BaseModuleClass):
             loss=ce.mean(),
             reconstruction_loss=per_cell,
             extra_metrics={"mlm_accuracy": accuracy.detach()},
-        )
-
-    def _classification_loss(self, tensors: dict[str, torch.Tensor], logits: torch.Tensor):
-        labels = tensors.get(REGISTRY_KEYS.LABELS_KEY)
-        if labels is None:
-            raise KeyError(
-                f"The minibatch has no {REGISTRY_KEYS.LABELS_KEY!r}; classification needs labels "
-                "(register a labels_key in setup_anndata)."
-            )
-        labels = labels.reshape(-1).to(logits.device).long()
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.n_labels):
-            raise ValueError(
-                f"Label codes must be in [0, {self.n_labels}); got values in "
-                f"[{int(labels.min())}, {int(labels.max())}]."
-            )
-        ce = F.cross_entropy(logits.float(), labels, reduction="none")
-        accuracy = (logits.argmax(dim=-1) == labels).float().mean()
-        return LossOutput(
-            loss=ce.mean(),
-            reconstruction_loss=ce,
-            extra_metrics={"accuracy": accuracy.detach()},
         )
 
     def sample(self, *args, **kwargs):

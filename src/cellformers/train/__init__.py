@@ -1,5 +1,5 @@
 """Lightning training plans and learning-rate schedules."""
 
-from ._plans import PretrainingPlan, warmup_cosine
+from ._plans import LR_SCHEDULES, PretrainingPlan, lr_multiplier, macro_f1, warmup_cosine
 
-__all__ = ["PretrainingPlan", "warmup_cosine"]
+__all__ = ["LR_SCHEDULES", "PretrainingPlan", "lr_multiplier", "macro_f1", "warmup_cosine"]

@@ -8,6 +8,8 @@ import torch
 from scvi.module.base import BaseModuleClass, LossOutput
 from scvi.train import TrainingPlan
 
+LR_SCHEDULES: tuple[str, ...] = ("cosine", "linear", "step", "constant")
+
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
     """Learning-rate multiplier: linear warm-up, then cosine decay to ``min_lr_ratio``.
@@ -24,11 +26,89 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_rati
         Final learning rate as a fraction of the full one.
 
     """
+    return lr_multiplier(
+        step,
+        schedule="cosine",
+        warmup_steps=warmup_steps,
+        total_steps=total_steps,
+        min_lr_ratio=min_lr_ratio,
+    )
+
+
+def lr_multiplier(
+    step: int,
+    *,
+    schedule: str,
+    warmup_steps: int,
+    total_steps: int,
+    min_lr_ratio: float = 0.0,
+    steps_per_epoch: int = 1,
+    step_gamma: float = 0.9,
+) -> float:
+    """Learning-rate multiplier of a warm-up + decay schedule at optimiser step ``step``.
+
+    Linear warm-up from 0 over ``warmup_steps``, then
+
+    * ``"cosine"``: cosine decay to ``min_lr_ratio`` at ``total_steps``;
+    * ``"linear"``: linear decay to ``min_lr_ratio`` (Hugging Face's default, Geneformer);
+    * ``"step"``: multiply by ``step_gamma`` after every epoch (scGPT's ``StepLR``);
+    * ``"constant"``: the full rate.
+
+    Parameters
+    ----------
+    step
+        Optimiser step (0-based).
+    schedule
+        One of ``"cosine"``, ``"linear"``, ``"step"``, ``"constant"``.
+    warmup_steps
+        Steps of linear warm-up.
+    total_steps
+        Total number of optimiser steps.
+    min_lr_ratio
+        Final rate of the cosine and linear decays, as a fraction of the full one.
+    steps_per_epoch
+        Optimiser steps per epoch (for ``"step"``).
+    step_gamma
+        Decay factor per epoch (for ``"step"``).
+
+    """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    decay_steps = max(total_steps - warmup_steps, 1)
-    progress = min((step - warmup_steps) / decay_steps, 1.0)
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    if schedule == "cosine":
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return min_lr_ratio + (1.0 - min_lr_ratio) * (1.0 - progress)
+    if schedule == "step":
+        return step_gamma ** (step // max(steps_per_epoch, 1))
+    if schedule == "constant":
+        return 1.0
+    raise ValueError(f"schedule must be one of {LR_SCHEDULES}, got {schedule!r}.")
+
+
+def macro_f1(confusion: torch.Tensor) -> torch.Tensor:
+    """Macro-averaged F1 from a confusion matrix (rows: true class, columns: predicted).
+
+    Classes that occur neither as a label nor as a prediction are left out of the average,
+    as in :func:`sklearn.metrics.f1_score` with ``average="macro"``.
+
+    Parameters
+    ----------
+    confusion
+        Square count matrix.
+
+    Returns
+    -------
+    0-d tensor.
+
+    """
+    confusion = confusion.double()
+    tp = confusion.diagonal()
+    support = confusion.sum(1) + confusion.sum(0)  # 2 tp + fp + fn
+    present = support > 0
+    if not present.any():
+        return confusion.new_tensor(0.0)
+    return (2 * tp[present] / support[present]).mean()
 
 
 class PretrainingPlan(TrainingPlan):
@@ -67,8 +147,14 @@ class PretrainingPlan(TrainingPlan):
         eps: float = 1e-8,
         warmup_ratio: float = 0.1,
         min_lr_ratio: float = 0.0,
+        lr_schedule: str = "cosine",
+        step_gamma: float = 0.9,
         **kwargs,
     ) -> None:
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}.")
+        if not 0.0 < step_gamma <= 1.0:
+            raise ValueError(f"step_gamma must be in (0, 1], got {step_gamma}.")
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}.")
         if not 0.0 <= min_lr_ratio <= 1.0:
@@ -77,17 +163,27 @@ class PretrainingPlan(TrainingPlan):
         super().__init__(module, lr=lr, weight_decay=weight_decay, eps=eps, **kwargs)
         self.warmup_ratio = warmup_ratio
         self.min_lr_ratio = min_lr_ratio
+        self.lr_schedule = lr_schedule
+        self.step_gamma = step_gamma
+        self._confusion: dict[str, torch.Tensor] = {}
 
     def configure_optimizers(self):
-        """AdamW with a per-step warm-up + cosine schedule sized by the trainer."""
+        """AdamW with a per-step warm-up + decay schedule sized by the trainer."""
         params = [p for p in self.module.parameters() if p.requires_grad]
         optimizer = self.get_optimizer_creator()(params)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = max(round(self.warmup_ratio * total), 1) if self.warmup_ratio > 0 else 0
+        steps_per_epoch = max(total // max(int(self.trainer.max_epochs or 1), 1), 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
-            lambda step: warmup_cosine(
-                step, warmup_steps=warmup, total_steps=total, min_lr_ratio=self.min_lr_ratio
+            lambda step: lr_multiplier(
+                step,
+                schedule=self.lr_schedule,
+                warmup_steps=warmup,
+                total_steps=total,
+                min_lr_ratio=self.min_lr_ratio,
+                steps_per_epoch=steps_per_epoch,
+                step_gamma=self.step_gamma,
             ),
         )
         return {
@@ -103,6 +199,8 @@ class PretrainingPlan(TrainingPlan):
         reduction on the gloo backend updates tensors in place.
         """
         n_obs = loss_output.n_obs_minibatch
+        if loss_output.logits is not None and loss_output.true_labels is not None:
+            self._update_confusion(loss_output.logits, loss_output.true_labels, mode)
         metrics[f"elbo_{mode}"].update(
             reconstruction_loss=loss_output.reconstruction_loss_sum,
             kl_local=loss_output.kl_local_sum,
@@ -129,3 +227,29 @@ class PretrainingPlan(TrainingPlan):
                 batch_size=n_obs,
                 sync_dist=self.use_sync_dist,
             )
+
+    # ------------------------------------------------------------------ classification scores
+    def _update_confusion(self, logits: torch.Tensor, labels: torch.Tensor, mode: str) -> None:
+        n = logits.shape[-1]
+        index = labels.reshape(-1).long() * n + logits.argmax(-1).reshape(-1)
+        counts = torch.bincount(index, minlength=n * n).reshape(n, n)
+        previous = self._confusion.get(mode)
+        self._confusion[mode] = counts if previous is None else previous + counts
+
+    def _log_macro_f1(self, mode: str) -> None:
+        confusion = self._confusion.pop(mode, None)
+        if confusion is None:
+            return
+        if self.trainer.world_size > 1:
+            confusion = self.all_gather(confusion).reshape(-1, *confusion.shape).sum(0)
+        self.log(f"macro_f1_{mode}", macro_f1(confusion).float(), sync_dist=False)
+
+    def on_train_epoch_end(self) -> None:
+        """Log the epoch's macro-F1 of the training cells (classification objectives)."""
+        super().on_train_epoch_end()
+        self._log_macro_f1("train")
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``macro_f1_validation`` (usable as ``early_stopping_monitor``)."""
+        super().on_validation_epoch_end()
+        self._log_macro_f1("validation")
