@@ -118,11 +118,15 @@ class FoundationModelBase(UnsupervisedTrainingMixin, BaseModelClass):
         """Validate ``adata``; query data may carry any genes.
 
         A foundation model reads genes through its vocabulary, so a query AnnData whose genes
-        differ from the registered ones is set up afresh (with its own setup if the user ran
-        :meth:`setup_anndata` on it, else with the model's setup arguments) instead of being
-        rejected by scvi-tools' field transfer, which requires the registered genes.
+        differ from the registered ones, or that lacks the label or batch column, is set up
+        afresh (with its own setup if the user ran :meth:`setup_anndata` on it, else with the
+        model's setup arguments minus the missing columns) instead of being rejected by
+        scvi-tools' field transfer, which requires the registered genes and columns.
         """
-        if adata is None or self._has_registered_genes(adata):
+        setup_args = self._query_setup_args(adata)
+        if adata is None or (
+            self._has_registered_genes(adata) and setup_args == self.registry_["setup_args"]
+        ):
             return super()._validate_anndata(adata, copy_if_view)
         if adata.is_view:
             raise ValueError("Received a view of an AnnData; pass `adata.copy()` instead.")
@@ -137,12 +141,24 @@ class FoundationModelBase(UnsupervisedTrainingMixin, BaseModelClass):
             # Not set up, or the registration was copied from another AnnData with the data.
             adata.uns[_SCVI_UUID_KEY] = str(uuid4())
             logger.info("Setting up query AnnData with the model's setup arguments.")
-            getattr(type(self), self.registry_["setup_method_name"])(
-                adata, **self.registry_["setup_args"]
-            )
+            getattr(type(self), self.registry_["setup_method_name"])(adata, **setup_args)
             manager = self._get_most_recent_anndata_manager(adata, required=True)
         self._register_manager_for_instance(manager)
         return adata
+
+    def _query_setup_args(self, adata: AnnData | None) -> dict:
+        """Return the model's setup arguments, without label/batch columns ``adata`` lacks.
+
+        Inference reads only the expression (and per-cell fields the tokenizer needs), so a
+        query without the reference's label or batch column can still be embedded and
+        classified.
+        """
+        args = dict(self.registry_["setup_args"])
+        if adata is not None:
+            for key in ("labels_key", "batch_key"):
+                if args.get(key) is not None and args[key] not in adata.obs:
+                    args[key] = None
+        return args
 
     def _has_registered_genes(self, adata: AnnData) -> bool:
         """Whether ``adata`` has exactly the genes (and order) the model was registered with."""

@@ -1,5 +1,6 @@
 """Scanpy-style tools over the model API: results are written into AnnData."""
 
+from ._annotate import annotate
 from ._perturbation import (
     evaluate_perturbation,
     perturbation_baseline,
@@ -8,6 +9,7 @@ from ._perturbation import (
 )
 
 __all__: list[str] = [
+    "annotate",
     "evaluate_perturbation",
     "perturbation_baseline",
     "perturbation_means",
