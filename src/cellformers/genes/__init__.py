@@ -1,6 +1,6 @@
 """Gene vocabularies and gene-name matching (symbols and Ensembl IDs)."""
 
-from ._io import read_gene_dict
+from ._io import read_gene_dict, read_gene_index
 from ._match import GeneMatch, match_genes
 from ._table import ensembl_to_symbol, gene_table, strip_ensembl_version, symbol_to_ensembl
 from ._vocab import SCGPT_SPECIALS, GeneVocab
@@ -13,6 +13,7 @@ __all__ = [
     "gene_table",
     "match_genes",
     "read_gene_dict",
+    "read_gene_index",
     "strip_ensembl_version",
     "symbol_to_ensembl",
 ]

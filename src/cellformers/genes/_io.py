@@ -12,6 +12,7 @@ import io
 import json
 import os
 import pickle
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -151,3 +152,84 @@ def read_gene_dict(path: str | os.PathLike) -> dict:
             f"{len(bad)} other key(s), e.g. {bad[:3]!r}."
         )
     return {k: _plain(v, k, path) for k, v in obj.items()}
+
+
+_GENE_INDEX_HEADER = ("gene_name", "index")
+
+
+def read_gene_index(path: str | os.PathLike) -> list[str]:
+    r"""Read a gene list stored as a ``gene_name``/``index`` table, such as scFoundation's.
+
+    scFoundation publishes its 19,264 genes as ``OS_scRNA_gene_index.19264.tsv``: a
+    tab-separated file with the header ``gene_name\tindex`` and one row per gene
+    (``A1BG\t0``, ``A1CF\t1``, …), in index order. The index is the gene's position in the
+    model input.
+
+    Parameters
+    ----------
+    path
+        The file to read.
+
+    Returns
+    -------
+    The gene names in index order: ``names[i]`` is the gene at position ``i``.
+
+    Raises
+    ------
+    ValueError
+        If the header is not ``gene_name``, ``index``, a row does not hold two fields, the
+        indices are not ``0 .. n - 1`` in order, or a name is empty or repeated.
+
+    Examples
+    --------
+    >>> import cellformers as cf
+    >>> genes = cf.genes.read_gene_index("OS_scRNA_gene_index.19264.tsv")  # doctest: +SKIP
+    >>> len(genes), genes[:2]  # doctest: +SKIP
+    (19264, ['A1BG', 'A1CF'])
+
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Gene index {str(path)!r} does not exist.")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path.name} is not a UTF-8 text file: {err}") from err
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise ValueError(f"{path.name} is empty; expected a header 'gene_name<TAB>index'.")
+    header = tuple(field.strip() for field in lines[0].split("\t"))
+    if header != _GENE_INDEX_HEADER:
+        raise ValueError(
+            f"{path.name}: the header must be 'gene_name<TAB>index' (tab-separated), got "
+            f"{lines[0]!r}."
+        )
+    names: list[str] = []
+    for line_no, line in enumerate(lines[1:], start=2):
+        fields = line.split("\t")
+        if len(fields) != 2:
+            raise ValueError(
+                f"{path.name}, line {line_no}: expected 2 tab-separated fields (gene name and "
+                f"index), got {len(fields)}: {line!r}."
+            )
+        name, index = fields[0].strip(), fields[1].strip()
+        expected = line_no - 2
+        if index != str(expected):
+            raise ValueError(
+                f"{path.name}, line {line_no}: the index must run 0, 1, 2, … in file order; "
+                f"expected {expected} for gene {name!r}, got {index!r}."
+            )
+        if not name:
+            raise ValueError(f"{path.name}, line {line_no}: the gene name is empty.")
+        names.append(name)
+    if not names:
+        raise ValueError(f"{path.name} holds a header but no genes.")
+    repeated = [name for name, count in Counter(names).items() if count > 1]
+    if repeated:
+        raise ValueError(
+            f"{path.name}: gene names must be unique; {len(repeated)} repeated name(s), e.g. "
+            f"{', '.join(repeated[:5])}."
+        )
+    return names

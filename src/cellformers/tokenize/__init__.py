@@ -1,6 +1,12 @@
 """Tokenizers: turn CSR batches of cells into model input sequences (vectorised)."""
 
 from ._binning import ScGPTTokens, bin_csr, scgpt_sequence_lengths, tokenize_scgpt
+from ._depth import (
+    SCFoundationTokens,
+    scfoundation_bulk_target_sum,
+    scfoundation_sequence_lengths,
+    tokenize_scfoundation,
+)
 from ._panel import panel_columns, scbert_sequence_lengths, tokenize_scbert
 from ._perturb import RankPerturbation, drop_last_gene, perturb_rank_tokens
 from ._rank import GeneformerTokens, geneformer_sequence_lengths, tokenize_geneformer
@@ -8,6 +14,7 @@ from ._rank import GeneformerTokens, geneformer_sequence_lengths, tokenize_genef
 __all__ = [
     "GeneformerTokens",
     "RankPerturbation",
+    "SCFoundationTokens",
     "ScGPTTokens",
     "bin_csr",
     "drop_last_gene",
@@ -15,8 +22,11 @@ __all__ = [
     "panel_columns",
     "perturb_rank_tokens",
     "scbert_sequence_lengths",
+    "scfoundation_bulk_target_sum",
+    "scfoundation_sequence_lengths",
     "scgpt_sequence_lengths",
     "tokenize_geneformer",
     "tokenize_scbert",
+    "tokenize_scfoundation",
     "tokenize_scgpt",
 ]
