@@ -2,6 +2,13 @@
 
 from ._geneformer import GeneformerModule
 from ._scbert import SCBERTModule
+from ._scfoundation import SCFoundationModule, gather_scfoundation_tokens
 from ._scgpt import SCGPTModule
 
-__all__ = ["GeneformerModule", "SCBERTModule", "SCGPTModule"]
+__all__ = [
+    "GeneformerModule",
+    "SCBERTModule",
+    "SCFoundationModule",
+    "SCGPTModule",
+    "gather_scfoundation_tokens",
+]

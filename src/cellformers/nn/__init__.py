@@ -1,6 +1,7 @@
 """Shared network parts: attention (softmax and Performer), transformer layers, token/value encoders and heads."""
 
 from ._attention import MultiheadSelfAttention
+from ._autobin import AutoDiscretizationEmbedding
 from ._encoders import ContinuousValueEncoder, GeneEncoder
 from ._heads import ExprDecoder, MaskedLMHead, MVCDecoder
 from ._performer import (
@@ -15,6 +16,7 @@ from ._performer import (
 from ._transformer import TransformerEncoder, TransformerEncoderLayer
 
 __all__ = [
+    "AutoDiscretizationEmbedding",
     "ContinuousValueEncoder",
     "ExprDecoder",
     "FastAttention",

@@ -16,6 +16,15 @@ from ._scbert import (
     scbert_config_from_state_dict,
     scbert_module_kwargs,
 )
+from ._scfoundation import (
+    ScFoundationCheckpoint,
+    flatten_scfoundation_config,
+    load_scfoundation_state_dict,
+    read_scfoundation_checkpoint,
+    save_scfoundation_checkpoint,
+    scfoundation_config,
+    scfoundation_module_kwargs,
+)
 from ._scgpt import (
     ScGPTCheckpoint,
     load_scgpt_state_dict,
@@ -26,18 +35,25 @@ from ._scgpt import (
 __all__ = [
     "GeneformerCheckpoint",
     "ScBERTCheckpoint",
+    "ScFoundationCheckpoint",
     "ScGPTCheckpoint",
+    "flatten_scfoundation_config",
     "geneformer_hf_config",
     "geneformer_module_kwargs",
     "geneformer_state_dict_to_hf",
     "load_geneformer_state_dict",
     "load_scbert_state_dict",
+    "load_scfoundation_state_dict",
     "load_scgpt_state_dict",
     "normalize_scgpt_state_dict",
     "read_geneformer_checkpoint",
     "read_scbert_checkpoint",
+    "read_scfoundation_checkpoint",
     "read_scgpt_checkpoint",
     "save_geneformer_checkpoint",
+    "save_scfoundation_checkpoint",
     "scbert_config_from_state_dict",
     "scbert_module_kwargs",
+    "scfoundation_config",
+    "scfoundation_module_kwargs",
 ]
