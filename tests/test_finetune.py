@@ -150,3 +150,33 @@ def test_same_seed_same_weights_and_predictions(cells):
     np.testing.assert_array_equal(p1.to_numpy(), p2.to_numpy())
     other = _fit(_model(cells, seed=4), max_epochs=1)
     assert not all(torch.equal(sd1[k], other.module.state_dict()[k]) for k in sd1)
+
+
+# ---------------------------------------------------------------- scGPT classification head
+def test_scgpt_finetune_adds_official_head_and_round_trips(cells, tmp_path):
+    adata = cells_setup(cells)
+    cf.model.SCGPT.setup_anndata(adata, labels_key="cell_line")
+    scvi.settings.seed = 0
+    model = cf.model.SCGPT(adata, d_model=32, nhead=4, d_hid=32, nlayers=2, dropout=0.0)
+    model.train(max_epochs=1, batch_size=16, enable_progress_bar=False)
+    encoder_before = {
+        k: v.clone() for k, v in model.module.state_dict().items() if not k.startswith("cls_")
+    }
+    with pytest.raises(ValueError, match="no classification head"):
+        model.predict_celltype()
+    model.train(
+        max_epochs=3, batch_size=16, mode="finetune", freeze_layers="all", lr=1e-2,
+        enable_progress_bar=False,
+    )  # fmt: skip
+    state = model.module.state_dict()
+    assert {k for k in state if k.startswith("cls_decoder.")} == {
+        f"cls_decoder._decoder.{i}.{p}" for i in (0, 2, 3, 5) for p in ("weight", "bias")
+    } | {"cls_decoder.out_layer.weight", "cls_decoder.out_layer.bias"}
+    assert all(torch.equal(encoder_before[k], state[k]) for k in encoder_before)
+    probs = model.predict_celltype(soft=True)
+    assert list(probs.columns) == ["H1975", "H2228", "HCC827"]
+    hard = model.predict_celltype()
+    assert (hard == probs.idxmax(axis=1).to_numpy()).all()
+    model.save(tmp_path / "m", overwrite=True)
+    loaded = cf.model.SCGPT.load(tmp_path / "m", adata=adata)
+    np.testing.assert_allclose(loaded.predict_celltype(soft=True).to_numpy(), probs.to_numpy())

@@ -295,6 +295,23 @@ class FoundationModelBase(UnsupervisedTrainingMixin, BaseModelClass):
                 f"registered labels have {n_classes}; build the model with this AnnData's labels."
             )
 
+    def _replace_module(self, module: torch.nn.Module, **init_params) -> None:
+        """Put ``module`` in place of the current one (same device and mode).
+
+        ``init_params`` update the saved constructor arguments (e.g. ``n_labels`` after a new
+        head), so :meth:`save` / :meth:`load` rebuild the new network.
+        """
+        module.to(self.device)
+        module.train(self.module.training)
+        self.module = module
+        for group in ("non_kwargs", "kwargs"):
+            params = self.init_params_.get(group, {})
+            params.update({k: v for k, v in init_params.items() if k in params})
+
+    def _training_tokenizer(self):
+        """Tokenizer of the training minibatches (by default the inference one)."""
+        return self._tokenizer(self.adata)
+
     def _check_cells(self, adata: AnnData, indices: np.ndarray) -> None:
         """Reject cells the model cannot read (hook; every cell is fine by default)."""
 
@@ -396,7 +413,7 @@ class FoundationModelBase(UnsupervisedTrainingMixin, BaseModelClass):
             p.requires_grad_(False)
         try:
             result = self._train_on_tokens(
-                self._tokenizer(self.adata),
+                self._training_tokenizer(),
                 max_epochs=max_epochs,
                 batch_size=batch_size,
                 plan_kwargs=plan_kwargs,

@@ -440,12 +440,7 @@ class SCBERT(FoundationModelBase):
         """Swap ``to_out`` for a fresh head (``n_labels`` classes, or 0: masked expression)."""
         module = self._module_cls(n_labels=n_labels, **self._module_kwargs)
         load_scbert_state_dict(module, self.module.state_dict(), init_missing_head=True)
-        module.to(self.device)
-        module.train(self.module.training)
-        self.module = module
-        for group in ("non_kwargs", "kwargs"):
-            if "n_labels" in self.init_params_.get(group, {}):
-                self.init_params_[group]["n_labels"] = n_labels
+        self._replace_module(module, n_labels=n_labels)
         self._model_summary_string = self._model_summary_string.rsplit(", ", 1)[0] + (
             f", {n_labels}-class fine-tuning head" if n_labels else ", masked-expression head"
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,6 +22,20 @@ from ..tokenize import scgpt_sequence_lengths, tokenize_scgpt
 from ._base import FoundationModelBase
 
 logger = logging.getLogger(__name__)
+
+# constructor arguments that are also SCGPTModule arguments
+_MODULE_ARGS = (
+    "d_model",
+    "nhead",
+    "d_hid",
+    "nlayers",
+    "dropout",
+    "pad_value",
+    "mask_value",
+    "mask_ratio",
+    "do_mvc",
+    "n_layers_cls",
+)
 
 
 @dataclass(frozen=True)
@@ -104,6 +118,12 @@ class SCGPT(FoundationModelBase):
     min_coverage
         Minimum fraction of the AnnData's genes found in the vocabulary; below it an error is
         raised.
+    n_labels
+        Classes of the cell classification head (scGPT's ``ClsDecoder`` on the ``<cls>``
+        embedding); 0 builds none. ``train(mode="finetune")`` adds one for the registered
+        labels when needed.
+    n_layers_cls
+        Linear layers of the classification head (official ``nlayers_cls``).
 
     Examples
     --------
@@ -137,6 +157,8 @@ class SCGPT(FoundationModelBase):
         do_mvc: bool = True,
         include_zero_gene: bool = False,
         min_coverage: float = 0.5,
+        n_labels: int = 0,
+        n_layers_cls: int = 3,
     ):
         super().__init__(adata, registry)
         if d_model % nhead:
@@ -182,6 +204,8 @@ class SCGPT(FoundationModelBase):
             mask_value=mask_value,
             mask_ratio=mask_ratio,
             do_mvc=do_mvc,
+            n_labels=n_labels,
+            n_layers_cls=n_layers_cls,
         )
         if adata is not None:
             self._gene_token_ids(adata)  # coverage check before any work starts
@@ -297,6 +321,9 @@ class SCGPT(FoundationModelBase):
         self,
         max_epochs: int | None = None,
         *,
+        mode: Literal["pretrain", "finetune"] = "pretrain",
+        freeze_layers: int | Literal["all"] = 0,
+        class_weight: str | Mapping[str, float] | None = None,
         batch_size: int = 32,
         lr: float = 1e-4,
         warmup_ratio: float = 0.1,
@@ -304,42 +331,88 @@ class SCGPT(FoundationModelBase):
         datasplitter_kwargs: dict | None = None,
         **kwargs,
     ):
-        """Masked value pretraining (and MVC) on the registered AnnData.
+        """Masked value pretraining (and MVC), or cell-type annotation fine-tuning.
 
         Each cell is tokenized on the fly (a new random gene subset each epoch for cells longer
-        than ``max_seq_len``); ``mask_ratio`` of its gene tokens get ``mask_value`` and the model
-        learns to predict their binned values from the rest (expression decoder) and from the
-        cell embedding (MVC decoder). Training runs through Lightning, so ``accelerator``,
-        ``devices``, ``strategy`` and ``precision`` work as in any scvi-tools model.
+        than ``max_seq_len``). ``mode="pretrain"`` masks ``mask_ratio`` of each cell's gene
+        tokens with ``mask_value`` and learns to predict their binned values from the rest
+        (expression decoder) and from the cell embedding (MVC decoder). ``mode="finetune"``
+        trains the classification head on the ``<cls>`` embedding with cross-entropy on the
+        registered ``labels_key``, without masking (the official annotation recipe, ``CLS``
+        objective only); a model without a head gets a fresh one first. Training runs through
+        Lightning, so ``accelerator``, ``devices``, ``strategy`` and ``precision`` work as in
+        any scvi-tools model.
 
         Parameters
         ----------
         max_epochs
             Passes through the data; scvi-tools' heuristic when ``None``.
+        mode
+            ``"pretrain"`` or ``"finetune"``.
+        freeze_layers
+            Keep the first ``freeze_layers`` transformer layers fixed (the embeddings still
+            train); ``"all"`` trains only the classification head.
+        class_weight
+            Fine-tuning only: ``"balanced"`` weights each class's cross-entropy by
+            ``n_cells / (n_classes * n_cells_in_class)``, or a mapping label -> weight.
         batch_size
             Cells per minibatch.
         lr
             Peak learning rate of AdamW.
         warmup_ratio
-            Fraction of steps used for linear warm-up before cosine decay.
+            Fraction of steps used for linear warm-up before the decay.
         plan_kwargs
-            Other :class:`~cellformers.train.PretrainingPlan` arguments.
+            Other :class:`~cellformers.train.PretrainingPlan` arguments (e.g.
+            ``lr_schedule="step"`` for the official per-epoch decay, ``step_gamma=0.9``).
         datasplitter_kwargs
             Passed to scvi-tools' ``DataSplitter`` (e.g. ``num_workers``).
         **kwargs
             Passed to :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` and Lightning's
-            ``Trainer`` (``train_size``, ``early_stopping``, ``accelerator``, ``max_time`` …).
+            ``Trainer`` (``train_size``, ``accelerator``, ``max_time`` …). With
+            ``early_stopping=True`` fine-tuning stops when the validation macro-F1
+            (``macro_f1_validation``) stops improving.
 
         """
         plan_kwargs = {"lr": lr, "warmup_ratio": warmup_ratio, **(plan_kwargs or {})}
-        return self._train_on_tokens(
-            self._tokenizer(self.adata, random_truncation=True),
+        return self._run_training(
+            mode=mode,
+            freeze_layers=freeze_layers,
+            class_weight=class_weight,
             max_epochs=max_epochs,
             batch_size=batch_size,
             plan_kwargs=plan_kwargs,
             datasplitter_kwargs=datasplitter_kwargs,
             **kwargs,
         )
+
+    def _training_tokenizer(self) -> _ScGPTTokenizer:
+        return self._tokenizer(self.adata, random_truncation=True)
+
+    def _backbone_layers(self):
+        return self.module.transformer_encoder.layers
+
+    def _head_modules(self):
+        return [self.module.cls_decoder]
+
+    def _class_logits(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.module.classify(tensors["genes"], tensors["values"])
+
+    def _prepare_classifier(self, n_classes: int) -> None:
+        if self.module.n_labels == 0:
+            kwargs = {
+                **self.init_params_.get("non_kwargs", {}),
+                **self.init_params_.get("kwargs", {}),
+            }
+            module = self._module_cls(
+                len(self.vocab),
+                pad_id=self.vocab.pad_id,
+                **{k: kwargs[k] for k in _MODULE_ARGS if k in kwargs},
+                n_labels=n_classes,
+            )
+            load_scgpt_state_dict(module, self.module.state_dict(), init_missing_head=True)
+            self._replace_module(module, n_labels=n_classes)
+            self._model_summary_string += f", {n_classes}-class head"
+        super()._prepare_classifier(n_classes)
 
     # ------------------------------------------------------------------ embeddings
     def get_latent_representation(

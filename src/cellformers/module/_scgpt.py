@@ -7,6 +7,7 @@ from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
 
 from ..nn import (
+    ClsDecoder,
     ContinuousValueEncoder,
     ExprDecoder,
     GeneEncoder,
@@ -14,6 +15,9 @@ from ..nn import (
     TransformerEncoder,
     TransformerEncoderLayer,
 )
+from ._classification import ClassifierMixin
+
+OBJECTIVES: tuple[str, ...] = ("mlm", "classification")
 
 
 def _masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -32,7 +36,7 @@ def _masked_mse_per_cell(
     return ((pred - target) * m).pow(2).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
 
 
-class SCGPTModule(BaseModuleClass):
+class SCGPTModule(ClassifierMixin, BaseModuleClass):
     """scGPT transformer (``input_emb_style="continuous"``, ``<cls>`` cell embedding).
 
     The state dict keys are those of the published whole-human checkpoint after
@@ -74,6 +78,11 @@ class SCGPTModule(BaseModuleClass):
         Fraction of (non-``<cls>``, non-padding) positions masked per cell.
     do_mvc
         Build the MVC (GEPC) decoder ``mvc_decoder``.
+    n_labels
+        Classes of the cell classification head ``cls_decoder`` (scGPT's ``ClsDecoder`` on the
+        ``<cls>`` embedding, used for annotation fine-tuning); 0 builds none.
+    n_layers_cls
+        Linear layers of the classification head (official ``nlayers_cls``, 3).
 
     """
 
@@ -91,8 +100,12 @@ class SCGPTModule(BaseModuleClass):
         mask_value: float = -1.0,
         mask_ratio: float = 0.4,
         do_mvc: bool = True,
+        n_labels: int = 0,
+        n_layers_cls: int = 3,
     ):
         super().__init__()
+        if n_labels < 0:
+            raise ValueError(f"n_labels must be >= 0, got {n_labels}.")
         if not 0 <= pad_id < n_tokens:
             raise ValueError(f"pad_id ({pad_id}) must be a token id in [0, {n_tokens}).")
         if not 0.0 <= mask_ratio < 1.0:
@@ -115,11 +128,35 @@ class SCGPTModule(BaseModuleClass):
         self.decoder = ExprDecoder(d_model)
         if do_mvc:
             self.mvc_decoder = MVCDecoder(d_model)
+        self.n_labels = int(n_labels)
+        self.cls_decoder = ClsDecoder(d_model, n_labels, n_layers_cls) if n_labels else None
+        self._objective = "mlm"
         self._init_weights()
 
     def _init_weights(self) -> None:
         # As the official ``init_weights``: only the gene embedding is re-initialised.
         nn.init.uniform_(self.encoder.embedding.weight, -0.1, 0.1)
+
+    # ------------------------------------------------------------------ settings
+    @property
+    def objective(self) -> str:
+        """Objective of :meth:`inference` and :meth:`loss`: ``"mlm"`` or ``"classification"``.
+
+        ``"mlm"`` is masked value pretraining; ``"classification"`` trains ``cls_decoder`` on
+        the unmasked input (the official annotation fine-tuning, ``CLS=True``, no masking).
+        """
+        return self._objective
+
+    @objective.setter
+    def objective(self, value: str) -> None:
+        if value not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {value!r}.")
+        if value == "classification" and self.cls_decoder is None:
+            raise ValueError(
+                "objective 'classification' needs the classification head; build the module "
+                "with n_labels > 0."
+            )
+        self._objective = value
 
     # ------------------------------------------------------------------ encoding
     def _values(self, values: torch.Tensor) -> torch.Tensor:
@@ -194,6 +231,17 @@ class SCGPTModule(BaseModuleClass):
         # the last layer computes only the <cls> query
         return self._encode(genes, values, padding_mask, n_queries=1)[0][:, 0, :]
 
+    def classify(
+        self,
+        genes: torch.Tensor,
+        values: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Class logits ``[batch, n_labels]`` from the ``<cls>`` embedding (``cls_output``)."""
+        if self.cls_decoder is None:
+            raise RuntimeError("This module has no classification head (built with n_labels=0).")
+        return self.cls_decoder(self.cell_embedding(genes, values, padding_mask))
+
     # ------------------------------------------------------------------ masking
     def random_mask(
         self, genes: torch.Tensor, generator: torch.Generator | None = None
@@ -254,7 +302,7 @@ class SCGPTModule(BaseModuleClass):
         """
         genes = genes.long()
         target = self._values(values)
-        if mask:
+        if mask and self.objective == "mlm":
             masked = self.random_mask(genes)
             inputs = target.masked_fill(masked, self.mask_value)
         else:
@@ -302,6 +350,8 @@ class SCGPTModule(BaseModuleClass):
         ``[batch, length]``.
 
         """
+        if self.objective == "classification":
+            return {"logits": self.cls_decoder(cell_emb)}
         out = {"mlm_pred": self.decoder(hidden)}
         if self.do_mvc:
             out["mvc_pred"] = self.mvc_decoder(cell_emb, gene_embs)
@@ -313,7 +363,7 @@ class SCGPTModule(BaseModuleClass):
         inference_outputs: dict[str, torch.Tensor],
         generative_outputs: dict[str, torch.Tensor],
     ) -> LossOutput:
-        """Masked value regression loss.
+        """Masked value regression loss, or cross-entropy for ``objective="classification"``.
 
         ``loss`` is the MSE of ``mlm_pred`` over all masked positions of the minibatch plus,
         with ``do_mvc``, the same for ``mvc_pred`` (scGPT's ``masked_mse_loss``);
@@ -333,6 +383,8 @@ class SCGPTModule(BaseModuleClass):
         :class:`scvi.module.base.LossOutput` with ``extra_metrics`` ``mlm_mse`` (and ``mvc_mse``).
 
         """
+        if self.objective == "classification":
+            return self._classification_loss(tensors, generative_outputs["logits"])
         mask = inference_outputs["mask"]
         target = inference_outputs["target"]
         mlm_pred = generative_outputs["mlm_pred"]

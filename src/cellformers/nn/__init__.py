@@ -3,7 +3,7 @@
 from ._attention import MultiheadSelfAttention
 from ._autobin import AutoDiscretizationEmbedding
 from ._encoders import ContinuousValueEncoder, GeneEncoder
-from ._heads import ExprDecoder, MaskedLMHead, MVCDecoder
+from ._heads import ClsDecoder, ExprDecoder, MaskedLMHead, MVCDecoder
 from ._performer import (
     FastAttention,
     Performer,
@@ -17,6 +17,7 @@ from ._transformer import TransformerEncoder, TransformerEncoderLayer
 
 __all__ = [
     "AutoDiscretizationEmbedding",
+    "ClsDecoder",
     "ContinuousValueEncoder",
     "ExprDecoder",
     "FastAttention",

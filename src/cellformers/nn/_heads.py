@@ -132,3 +132,38 @@ class MaskedLMHead(nn.Module):
         """
         h = self.norm(self.activation(self.dense(x)))
         return F.linear(h, embedding_weight, self.bias)
+
+
+class ClsDecoder(nn.Module):
+    """Cell classification head on the cell embedding (scGPT's ``ClsDecoder``).
+
+    ``_decoder`` holds ``nlayers - 1`` blocks of ``Linear(d_model, d_model) → ReLU →
+    LayerNorm(d_model)`` (keys ``_decoder.{0,2,3,5}.*`` for ``nlayers=3``), then ``out_layer``
+    is ``Linear(d_model, n_cls)``.
+
+    Parameters
+    ----------
+    d_model
+        Embedding dimension.
+    n_cls
+        Number of classes.
+    nlayers
+        Number of linear layers, the output layer included.
+
+    """
+
+    def __init__(self, d_model: int, n_cls: int, nlayers: int = 3):
+        super().__init__()
+        if nlayers < 1 or n_cls < 1:
+            raise ValueError(f"nlayers and n_cls must be >= 1, got {nlayers} and {n_cls}.")
+        blocks: list[nn.Module] = []
+        for _ in range(nlayers - 1):
+            blocks += [nn.Linear(d_model, d_model), nn.ReLU(), nn.LayerNorm(d_model)]
+        self._decoder = nn.ModuleList(blocks)
+        self.out_layer = nn.Linear(d_model, n_cls)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits ``[batch, n_cls]`` of cell embeddings ``[batch, d_model]``."""
+        for layer in self._decoder:
+            x = layer(x)
+        return self.out_layer(x)

@@ -252,7 +252,7 @@ _HINTS: tuple[tuple[str, str, str], ...] = (
     (
         "unexpected",
         "cls_decoder.",
-        "a fine-tuned classification head, not part of SCGPTModule: load it separately",
+        "a fine-tuned classification head: build the module with n_labels = its classes",
     ),
     (
         "unexpected",
@@ -327,7 +327,12 @@ def _explain(missing: list[str], unexpected: list[str], mismatched: list[str]) -
     return hints
 
 
-def load_scgpt_state_dict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]):
+def load_scgpt_state_dict(
+    module: torch.nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    init_missing_head: bool = False,
+):
     """Load a normalised scGPT state dict strictly.
 
     Parameters
@@ -336,6 +341,10 @@ def load_scgpt_state_dict(module: torch.nn.Module, state_dict: Mapping[str, torc
         The network, e.g. :class:`~cellformers.module.SCGPTModule`.
     state_dict
         Weights from :func:`normalize_scgpt_state_dict` (or :func:`read_scgpt_checkpoint`).
+    init_missing_head
+        Allow the classification head (``cls_decoder.*``) to be absent from the weights (a
+        pretrained checkpoint loaded for fine-tuning); it keeps its fresh initialisation.
+        Every other key must still match.
 
     Returns
     -------
@@ -349,6 +358,9 @@ def load_scgpt_state_dict(module: torch.nn.Module, state_dict: Mapping[str, torc
     """
     expected = module.state_dict()
     missing = [k for k in expected if k not in state_dict]
+    head_only = init_missing_head and not any(k.startswith("cls_decoder.") for k in state_dict)
+    if head_only:
+        missing = [k for k in missing if not k.startswith("cls_decoder.")]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [
         f"{k}: checkpoint {tuple(v.shape)} vs module {tuple(expected[k].shape)}"
@@ -377,5 +389,5 @@ def load_scgpt_state_dict(module: torch.nn.Module, state_dict: Mapping[str, torc
             lines.append("What this usually means:")
             lines.extend(f"  - {h}" for h in hints)
         raise RuntimeError("\n".join(lines))
-    module.load_state_dict(state_dict, strict=True)
+    module.load_state_dict(state_dict, strict=not head_only)
     return module
