@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -231,5 +232,60 @@ def read_gene_index(path: str | os.PathLike) -> list[str]:
         raise ValueError(
             f"{path.name}: gene names must be unique; {len(repeated)} repeated name(s), e.g. "
             f"{', '.join(repeated[:5])}."
+        )
+    return names
+
+
+def read_gene_list(
+    source: Sequence[str] | str | os.PathLike, *, what: str = "gene list"
+) -> list[str]:
+    """Read an ordered gene list: a sequence of names or a file.
+
+    A file is either a ``gene_name``/``index`` table (:func:`read_gene_index`, e.g.
+    scFoundation's ``OS_scRNA_gene_index.19264.tsv``) or plain text with one name per line
+    (blank lines skipped). The order is kept: position ``i`` of a model is ``names[i]``.
+
+    Parameters
+    ----------
+    source
+        Gene names, or the path of a file holding them.
+    what
+        How to call the list in error messages (e.g. ``"gene_panel"``).
+
+    Returns
+    -------
+    The gene names, each once.
+
+    Raises
+    ------
+    FileNotFoundError
+        If a path does not exist.
+    ValueError
+        If the list is empty or names a gene twice.
+
+    """
+    if isinstance(source, str | os.PathLike):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{what} file {path} does not exist (expected a text file with one gene name per "
+                "line, or a gene_name/index table, in the order of the model's positions)."
+            )
+        with path.open(encoding="utf-8-sig") as handle:
+            first = handle.readline()
+        if tuple(f.strip() for f in first.split("\t")) == _GENE_INDEX_HEADER:
+            return read_gene_index(path)
+        names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+        names = [n for n in names if n]
+    else:
+        names = [str(g) for g in np.asarray(list(source), dtype=object).ravel()]
+    if not names:
+        raise ValueError(f"{what} is empty.")
+    counts = Counter(names)
+    repeated = [n for n, c in counts.items() if c > 1]
+    if repeated:
+        raise ValueError(
+            f"{what} must hold each gene once; {sum(counts[n] - 1 for n in repeated)} "
+            f"duplicate(s), e.g. {repeated[:10]}."
         )
     return names

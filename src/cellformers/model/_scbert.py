@@ -17,7 +17,7 @@ from anndata import AnnData
 from scvi import REGISTRY_KEYS
 from scvi.utils import setup_anndata_dsp
 
-from ..genes import GeneVocab, match_genes
+from ..genes import GeneVocab, match_genes, read_gene_list
 from ..module import SCBERTModule
 from ..pretrained import load_scbert_state_dict, read_scbert_checkpoint
 from ..tokenize import scbert_sequence_lengths, tokenize_scbert
@@ -42,31 +42,6 @@ class _SCBERTTokenizer:
     def __call__(self, X: sp.csr_matrix) -> dict:
         tokens = tokenize_scbert(X, self.gene_ids, n_genes=self.n_genes, n_bins=self.n_bins)
         return {"input_ids": tokens}
-
-
-def _read_panel(gene_panel: Sequence[str] | str | os.PathLike) -> list[str]:
-    """Gene names of a panel given as a sequence or a text file with one name per line."""
-    if isinstance(gene_panel, str | os.PathLike):
-        path = Path(gene_panel)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"gene_panel file {path} does not exist (expected a text file with one gene name "
-                "per line, in the order of the model's positions)."
-            )
-        genes = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-        genes = [g for g in genes if g]
-    else:
-        genes = [str(g) for g in np.asarray(list(gene_panel), dtype=object).ravel()]
-    if not genes:
-        raise ValueError("gene_panel is empty.")
-    index = pd.Index(genes)
-    if not index.is_unique:
-        dup = index[index.duplicated()].unique()[:10].tolist()
-        raise ValueError(
-            f"gene_panel must hold each gene once; {int(index.duplicated().sum())} duplicate(s), "
-            f"e.g. {dup}."
-        )
-    return genes
 
 
 def _read_gene2vec(gene2vec) -> np.ndarray | torch.Tensor:
@@ -210,7 +185,7 @@ class SCBERT(FoundationModelBase):
                 raise ValueError("Pass `gene_panel` when building a model without AnnData.")
             names = pd.Index(self._gene_names(adata))
             gene_panel = names[(names != "") & ~names.duplicated()].tolist()
-        gene_panel = _read_panel(gene_panel)
+        gene_panel = read_gene_list(gene_panel, what="gene_panel")
         gene2vec = _read_gene2vec(gene2vec)
         if position_embedding is None:
             position_embedding = gene2vec is not None
@@ -346,7 +321,7 @@ class SCBERT(FoundationModelBase):
         """
         ckpt = read_scbert_checkpoint(path)
         config = ckpt.config
-        panel = _read_panel(gene_panel)
+        panel = read_gene_list(gene_panel, what="gene_panel")
         if config["n_genes"] is not None and config["n_genes"] != len(panel):
             raise ValueError(
                 f"The checkpoint reads {config['n_genes']:,} genes (+1 position) but gene_panel "
