@@ -330,6 +330,18 @@ def test_dense_and_integer_input(setting):
     np.testing.assert_array_equal(a.positions, b.positions)
 
 
+def test_non_canonical_csr():
+    # an explicitly stored zero is not an expressed gene; duplicate entries are summed
+    X = sp.csr_matrix(
+        (np.array([0.0, 2.0, 1.0, 1.0]), np.array([0, 1, 2, 2]), np.array([0, 4])), shape=(1, 3)
+    )
+    tokens = tokenize_scfoundation(X, IDS, n_genes=3)
+    dense = tokenize_scfoundation(np.array([[0.0, 2.0, 2.0]]), IDS, n_genes=3)
+    np.testing.assert_array_equal(tokens.positions, [[1, 2, 3, 4]])
+    np.testing.assert_array_equal(tokens.values, dense.values)
+    np.testing.assert_array_equal(scfoundation_sequence_lengths(X, IDS), [4])
+
+
 def test_sequence_lengths(setting):
     X, ids = setting["X"], setting["gene_ids"]
     lengths = scfoundation_sequence_lengths(X, ids)

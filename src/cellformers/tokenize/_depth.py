@@ -226,20 +226,21 @@ def _assemble(
     """Build the padded arrays: kept genes by ascending position, then T and S, then padding."""
     keep = values > 0  # gatherData runs on the float64 values; `.float()` comes after it
     rows, pos, values = rows[keep], pos[keep], values[keep].astype(np.float32)
-    same_row = rows[1:] == rows[:-1]
-    if (same_row & (pos[1:] < pos[:-1])).any():  # column order differs from gene-list order
-        order = np.lexsort((pos, rows))
-        rows, pos, values = rows[order], pos[order], values[order]
     counts = np.bincount(rows, minlength=n_cells).astype(np.int64)
+    indptr = np.zeros(n_cells + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    if ((rows[1:] == rows[:-1]) & (pos[1:] < pos[:-1])).any():
+        # the columns are not in gene-list order: sort positions within each row with two
+        # linear, stable transpositions (CSR -> CSC -> CSR) of the cells x positions matrix
+        by_pos = sp.csr_matrix((values, pos, indptr), shape=(n_cells, n_genes)).tocsc().tocsr()
+        pos, values = by_pos.indices.astype(np.int64), by_pos.data
     lengths = counts + 2
     width = int(lengths.max(initial=0))
     out_values = np.zeros((n_cells, width), dtype=np.float32)
     out_pos = np.full((n_cells, width), n_genes + 2, dtype=np.int64)
-    starts = np.zeros(n_cells, dtype=np.int64)
-    np.cumsum(counts[:-1], out=starts[1:])
-    slot = np.arange(len(rows), dtype=np.int64) - starts[rows]
-    out_values[rows, slot] = values
-    out_pos[rows, slot] = pos
+    flat = np.arange(len(rows), dtype=np.int64) + (rows * width - indptr[:-1][rows])
+    out_values.ravel()[flat] = values
+    out_pos.ravel()[flat] = pos
     cells = np.arange(n_cells)
     out_values[cells, counts] = t_value.astype(np.float32)
     out_pos[cells, counts] = n_genes
