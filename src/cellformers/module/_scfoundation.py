@@ -173,7 +173,8 @@ class SCFoundationModule(BaseModuleClass):
     encoder_heads
         Encoder attention heads.
     encoder_d_hid
-        Encoder feed-forward width; `None` gives ``4 * encoder_dim``.
+        Encoder feed-forward width; `None` gives ``4 * encoder_dim`` (3072 for the published
+        model).
     encoder_dropout
         Dropout of the encoder layers (torch's default 0.1, as the official model).
     encoder_activation
@@ -232,7 +233,7 @@ class SCFoundationModule(BaseModuleClass):
         encoder_dim: int = 768,
         encoder_depth: int = 12,
         encoder_heads: int = 12,
-        encoder_d_hid: int | None = 3072,
+        encoder_d_hid: int | None = None,
         encoder_dropout: float = 0.1,
         encoder_activation: str = "relu",
         encoder_norm_first: bool = False,

@@ -115,9 +115,12 @@ def _torch_load(file: Path) -> Any:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if "Unsupported global" in ln), lines[0] if lines else "")
+        reason = reason.removeprefix("WeightsUnpickler error: ").split(" Please use")[0]
         raise RuntimeError(
             f"{file} holds Python objects that torch.load(weights_only=True) refuses to "
-            f"unpickle ({e}). cellformers never unpickles arbitrary code; re-save the checkpoint "
+            f"unpickle ({reason}). cellformers never unpickles arbitrary code; re-save the checkpoint "
             "with plain dicts, lists, numbers, strings and tensors (e.g. convert its config to a "
             "dict) and read that file."
         ) from e
@@ -446,22 +449,27 @@ def _explain(
                 "encoder_dim differs"
             )
         elif key.startswith("token_emb."):
-            add(f"{key}: bin_num or encoder_dim differs from the checkpoint")
+            add("token_emb.*: bin_num or encoder_dim differs from the checkpoint")
         elif key.endswith("projection_matrix"):
-            add(f"{key}: decoder_dim_head or decoder_nb_features differs from the checkpoint")
+            add(
+                "decoder projection_matrix: decoder_dim_head or decoder_nb_features differs "
+                "from the checkpoint"
+            )
         elif re.search(r"\.to_(q|k|v|out)\.", key):
             add(
-                f"{key}: decoder_heads x decoder_dim_head differs from the checkpoint (module: "
-                f"{module.decoder_heads} x {module.decoder_dim_head})"
+                "decoder attention (to_q/to_k/to_v/to_out): decoder_heads x decoder_dim_head "
+                f"differs from the checkpoint (module: {module.decoder_heads} x "
+                f"{module.decoder_dim_head})"
             )
         elif ".fn.fn.w" in key:
-            add(f"{key}: decoder_ff_mult or decoder_dim differs from the checkpoint")
+            add("decoder feed-forward (w1/w2): decoder_ff_mult or decoder_dim differs")
         elif "linear1" in key or "linear2" in key:
             add(
-                f"{key}: encoder_d_hid differs from the checkpoint (module: {module.encoder_d_hid})"
+                "encoder feed-forward (linear1/linear2): encoder_d_hid differs from the "
+                f"checkpoint (module: {module.encoder_d_hid})"
             )
         elif key.startswith("decoder_embed."):
-            add(f"{key}: encoder_dim or decoder_dim differs from the checkpoint")
+            add("decoder_embed: encoder_dim or decoder_dim differs from the checkpoint")
     if mismatched and not hints:
         add("shape mismatches: encoder_dim or decoder_dim differs from the checkpoint")
     return hints
