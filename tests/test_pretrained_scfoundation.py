@@ -249,8 +249,11 @@ def test_strict_loading_explains_mismatches(sds):
     with pytest.raises(RuntimeError, match=r"encoder layers \[2\] are unexpected: encoder_depth"):
         load_scfoundation_state_dict(_module(), extra)
 
-    with pytest.raises(RuntimeError, match=r"decoder layers \[1\] are unexpected: decoder_depth"):
+    with pytest.raises(
+        RuntimeError, match=r"decoder layers \[1\] are unexpected: decoder_depth"
+    ) as info:
         load_scfoundation_state_dict(_module(decoder_depth=1), sd)
+    assert "qkv_bias" not in str(info.value)  # whole layers, not a bias setting
 
     with pytest.raises(
         RuntimeError, match=r"pos_emb\.weight: checkpoint \(303, 32\) vs module \(403, 32\)"

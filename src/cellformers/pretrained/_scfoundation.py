@@ -423,9 +423,16 @@ def _explain(
         )
     if any(k.startswith(_PREFIX) for k in unexpected):
         add("model.*: only some keys carry the 'model.' prefix; the state dict is mixed up")
-    if any(k.endswith("to_q.bias") for k in missing):
+
+    def bias_only(keys: list[str]) -> bool:
+        # a to_q bias without its weight on the same side: the layer exists on both sides
+        return any(
+            k.endswith("to_q.bias") and k[: -len("bias")] + "weight" not in keys for k in keys
+        )
+
+    if bias_only(missing):
         add("to_q/k/v.bias: the checkpoint has no query/key/value biases; decoder_qkv_bias=False")
-    if any(k.endswith("to_q.bias") for k in unexpected):
+    if bias_only(unexpected):
         add("to_q/k/v.bias: the checkpoint has query/key/value biases; decoder_qkv_bias=True")
     for side, keys in (("missing", missing), ("unexpected", unexpected)):
         enc = sorted({int(m.group(1)) for k in keys if (m := _OUR_LAYER.match(k))})
