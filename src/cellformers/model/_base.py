@@ -123,21 +123,27 @@ class FoundationModelBase(UnsupervisedTrainingMixin, BaseModelClass):
         model's setup arguments minus the missing columns) instead of being rejected by
         scvi-tools' field transfer, which requires the registered genes and columns.
         """
+        if adata is None:
+            return super()._validate_anndata(adata, copy_if_view)
         setup_args = self._query_setup_args(adata)
-        if adata is None or (
-            self._has_registered_genes(adata) and setup_args == self.registry_["setup_args"]
+        uuid = adata.uns.get(_SCVI_UUID_KEY)
+        # look the stores up directly: scvi-tools' getters try a field transfer on copies
+        own = type(self)._setup_adata_manager_store.get(uuid)
+        own = own if own is not None and own.adata is adata else None  # set up by the user
+        if (
+            own is None
+            and self._has_registered_genes(adata)
+            and setup_args == self.registry_["setup_args"]
         ):
             return super()._validate_anndata(adata, copy_if_view)
         if adata.is_view:
             raise ValueError("Received a view of an AnnData; pass `adata.copy()` instead.")
-        uuid = adata.uns.get(_SCVI_UUID_KEY)
-        # look the stores up directly: scvi-tools' getters try a field transfer on copies
         manager = type(self)._per_instance_manager_store.get(self.id, {}).get(uuid)
         if manager is not None and manager.adata is adata:
             manager.validate()
             return adata
-        manager = type(self)._setup_adata_manager_store.get(uuid)
-        if manager is None or manager.adata is not adata:
+        manager = own
+        if manager is None:
             # Not set up, or the registration was copied from another AnnData with the data.
             adata.uns[_SCVI_UUID_KEY] = str(uuid4())
             logger.info("Setting up query AnnData with the model's setup arguments.")
@@ -240,8 +246,14 @@ class FoundationModelBase(UnsupervisedTrainingMixin, BaseModelClass):
         indices: Sequence[int] | np.ndarray | None,
         batch_size: int | None,
         fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+        *,
+        reduce: bool = False,
     ) -> np.ndarray:
-        """Run ``fn`` on token batches of the requested cells and gather rows in input order."""
+        """Run ``fn`` on token batches of the requested cells and gather rows in input order.
+
+        With ``reduce=True`` the rows are summed over all cells instead (in float64), for
+        per-cell outputs too large to keep (e.g. one vector per gene and cell).
+        """
         self._check_if_trained(warn=False)
         adata = self._validate_anndata(adata)
         batch_size = 64 if batch_size is None else int(batch_size)
@@ -253,7 +265,12 @@ class FoundationModelBase(UnsupervisedTrainingMixin, BaseModelClass):
             with torch.inference_mode():
                 for positions, tokens in self._iter_token_batches(adata, indices, batch_size):
                     tensors = {k: torch.as_tensor(v, device=self.device) for k, v in tokens.items()}
-                    result = fn(tensors).float().cpu().numpy()
+                    result = fn(tensors)
+                    if reduce:
+                        total = result.double().sum(0).cpu().numpy()
+                        out = total if out is None else out + total
+                        continue
+                    result = result.float().cpu().numpy()
                     if out is None:
                         out = np.empty((len(indices), *result.shape[1:]), dtype=np.float32)
                     out[positions] = result
