@@ -25,6 +25,7 @@ _CATEGORY = {
     "Aggregate score": "aggregate",
 }
 _COLUMNS = ["embedding", "metric", "category", "value"]
+_AGGREGATES = ["Bio conservation", "Batch correction", "Total"]
 
 
 def _import_scib_metrics():
@@ -279,13 +280,14 @@ def evaluate_integration(
 
     metric_type = wide.loc["Metric Type"]
     scores = wide.drop(index="Metric Type")
-    # bio conservation, batch correction, then the aggregates in that order and "Total"
-    rank = [*_CATEGORY.values(), "Total"]
+    # bio conservation metrics, batch correction metrics, then the aggregates in _AGGREGATES
+    # order (scib-metrics sorts them alphabetically); sorted() keeps the metric order
+    order = list(_CATEGORY)
     metrics = sorted(
         scores.columns,
         key=lambda m: (
-            rank.index(_CATEGORY[metric_type[m]]),
-            rank.index(_CATEGORY.get(m, "Total")) if metric_type[m] == "Aggregate score" else 0,
+            order.index(metric_type[m]),
+            _AGGREGATES.index(m) if m in _AGGREGATES else 0,
         ),
     )
     rows = [
