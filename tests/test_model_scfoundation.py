@@ -214,3 +214,34 @@ def test_bad_input(data, checkpoint):
     SCFoundation.setup_anndata(empty)
     with pytest.raises(ValueError, match="filter_cells"):
         model.get_latent_representation(empty)
+
+
+def test_finetune_head_on_pretrained_checkpoint(data, checkpoint, tmp_path):
+    adata, _ = data
+    path, table, sds = checkpoint
+    adata = _setup(adata, labels_key="cell_line")
+    model = SCFoundation.from_pretrained(path, adata, gene_list=table)
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    scvi.settings.seed = 0
+    model.train(
+        max_epochs=3, batch_size=8, mode="finetune", freeze_layers="official", lr=1e-3,
+        enable_progress_bar=False,
+    )  # fmt: skip
+    after = model.module.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("encoder.layers.0.", "classifier.")) for k in changed), (
+        sorted(changed)[:5]
+    )  # 2 layers: the second-to-last is layer 0
+    assert "classifier.fc1.0.weight" in after and "classifier.norm.running_mean" in after
+    probs = model.predict_celltype(soft=True, batch_size=5)
+    np.testing.assert_allclose(model.predict_celltype(soft=True, batch_size=40), probs, atol=1e-6)
+    assert list(probs.columns) == ["H1975", "H2228", "HCC827"]
+    model.save(tmp_path / "ft", overwrite=True)
+    loaded = SCFoundation.load(tmp_path / "ft", adata=adata)
+    np.testing.assert_allclose(loaded.predict_celltype(soft=True), probs, atol=1e-6)
+    # read-depth-aware pretraining needs raw counts
+    normed = data[0].copy()
+    normed.X = normed.X.log1p()
+    normed = _setup(normed, pre_normalized="T")
+    with pytest.raises(ValueError, match="raw single-cell counts"):
+        SCFoundation(normed, **TINY).train(max_epochs=1)

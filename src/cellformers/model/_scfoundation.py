@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -53,6 +53,8 @@ _MODULE_ARGS = (
     "value_mask_prob",
     "zero_mask_prob",
     "max_encoder_len",
+    "n_labels",
+    "classifier_hidden",
 )
 
 
@@ -146,6 +148,12 @@ class SCFoundation(FoundationModelBase):
     downsample_prob, min_depth_fraction, value_mask_prob, zero_mask_prob, max_encoder_len
         Read-depth-aware masked pretraining settings (see
         :meth:`~cellformers.module.SCFoundationModule.corrupt`).
+    n_labels
+        Classes of the cell classification head (the official fine-tuning example's
+        ``LinearProbingClassifier`` head on the max-pooled gene states); 0 builds none.
+        ``train(mode="finetune")`` adds one for the registered labels when needed.
+    classifier_hidden
+        Hidden width of the classification head.
 
     Examples
     --------
@@ -186,6 +194,8 @@ class SCFoundation(FoundationModelBase):
         value_mask_prob: float = 0.3,
         zero_mask_prob: float = 0.03,
         max_encoder_len: int | None = None,
+        n_labels: int = 0,
+        classifier_hidden: int = 256,
     ):
         super().__init__(adata, registry)
         if not 0.0 <= min_coverage <= 1.0:
@@ -410,6 +420,9 @@ class SCFoundation(FoundationModelBase):
         self,
         max_epochs: int | None = None,
         *,
+        mode: Literal["pretrain", "finetune"] = "pretrain",
+        freeze_layers: int | Literal["all", "official"] = 0,
+        class_weight: str | Mapping[str, float] | None = None,
         batch_size: int = 8,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
@@ -418,25 +431,43 @@ class SCFoundation(FoundationModelBase):
         datasplitter_kwargs: dict | None = None,
         **kwargs,
     ):
-        """Read-depth-aware masked pretraining (RDA) on the registered raw counts.
+        """Read-depth-aware masked pretraining (RDA), or cell-type annotation fine-tuning.
 
-        Every minibatch cell is randomly down-sampled (binomial thinning of its reads) for a
-        fraction of cells, normalised, and a part of its expressed and of its zero genes is
-        masked; the encoder reads the unmasked expressed genes with S (the input depth) and T
-        (the original depth), the decoder predicts the full-depth normalised expression of
-        every gene, and the loss is the mean squared error at the masked genes
-        (:meth:`~cellformers.module.SCFoundationModule.corrupt`). Training runs through
-        Lightning, so ``accelerator``, ``devices``, ``strategy`` and ``precision`` work as in
-        any scvi-tools model.
+        ``mode="pretrain"``: every minibatch cell is randomly down-sampled (binomial thinning
+        of its reads) for a fraction of cells, normalised, and a part of its expressed and of
+        its zero genes is masked; the encoder reads the unmasked expressed genes with S (the
+        input depth) and T (the original depth), the decoder predicts the full-depth normalised
+        expression of every gene, and the loss is the mean squared error at the masked genes
+        (:meth:`~cellformers.module.SCFoundationModule.corrupt`). It needs raw single-cell
+        counts.
+
+        ``mode="finetune"``: the classification head (batch norm and a two-layer MLP on the
+        max-pooled gene states of the encoder, as the official fine-tuning example) is trained
+        with cross-entropy on the registered ``labels_key``; the decoder is not used. A model
+        without a head gets a fresh one first.
+
+        Training runs through Lightning, so ``accelerator``, ``devices``, ``strategy`` and
+        ``precision`` work as in any scvi-tools model.
 
         Parameters
         ----------
         max_epochs
             Passes through the data; scvi-tools' heuristic when ``None``.
+        mode
+            ``"pretrain"`` or ``"finetune"``.
+        freeze_layers
+            Keep the first ``freeze_layers`` encoder layers fixed (the embeddings still
+            train); ``"all"`` trains only the classification head; ``"official"`` trains only
+            what the official example unfreezes: the second-to-last encoder layer and the
+            head.
+        class_weight
+            Fine-tuning only: ``"balanced"`` weights each class's cross-entropy by
+            ``n_cells / (n_classes * n_cells_in_class)``, or a mapping label -> weight.
         batch_size
-            Cells per minibatch (the decoder reads every gene of the list for every cell).
+            Cells per minibatch (in pretraining the decoder reads every gene of the list for
+            every cell).
         lr
-            Peak learning rate of AdamW (official 1e-4).
+            Peak learning rate of AdamW (official pretraining 1e-4).
         weight_decay
             AdamW weight decay (official: none).
         warmup_ratio
@@ -447,12 +478,15 @@ class SCFoundation(FoundationModelBase):
             Passed to scvi-tools' ``DataSplitter`` (e.g. ``num_workers``).
         **kwargs
             Passed to :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` and Lightning's
-            ``Trainer`` (``train_size``, ``early_stopping``, ``accelerator``, ``max_time`` …).
+            ``Trainer`` (``train_size``, ``accelerator``, ``max_time`` …). With
+            ``early_stopping=True`` fine-tuning stops when the validation macro-F1
+            (``macro_f1_validation``) stops improving.
 
         """
-        if (self._setup_arg(self.adata, "pre_normalized") or "F") != "F" or (
-            self._setup_arg(self.adata, "input_type") or "singlecell"
-        ) != "singlecell":
+        if mode == "pretrain" and (
+            (self._setup_arg(self.adata, "pre_normalized") or "F") != "F"
+            or (self._setup_arg(self.adata, "input_type") or "singlecell") != "singlecell"
+        ):
             raise ValueError(
                 "Read-depth-aware pretraining down-samples reads, so it needs raw single-cell "
                 "counts: set up the AnnData with pre_normalized='F' and input_type='singlecell'."
@@ -463,14 +497,52 @@ class SCFoundation(FoundationModelBase):
             "warmup_ratio": warmup_ratio,
             **(plan_kwargs or {}),
         }
-        return self._train_on_tokens(
-            _AlignedCounts(self._gene_ids(self.adata), len(self.gene_list)),
+        return self._run_training(
+            mode=mode,
+            freeze_layers=freeze_layers,
+            class_weight=class_weight,
             max_epochs=max_epochs,
             batch_size=batch_size,
             plan_kwargs=plan_kwargs,
             datasplitter_kwargs=datasplitter_kwargs,
             **kwargs,
         )
+
+    def _training_tokenizer(self):
+        if self.module.objective == "classification":
+            return self._tokenizer(self.adata)
+        return _AlignedCounts(self._gene_ids(self.adata), len(self.gene_list))
+
+    def _backbone_layers(self):
+        return self.module.encoder.layers
+
+    def _head_modules(self):
+        return [self.module.classifier]
+
+    def _class_logits(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.module.classify(tensors["values"], tensors["positions"], tensors["lengths"])
+
+    def _prepare_classifier(self, n_classes: int) -> None:
+        if self.module.n_labels == 0:
+            kwargs = {
+                **self.init_params_.get("non_kwargs", {}),
+                **self.init_params_.get("kwargs", {}),
+            }
+            kwargs = {k: v for k, v in kwargs.items() if k in _MODULE_ARGS}
+            module = self._module_cls(len(self.gene_list), **{**kwargs, "n_labels": n_classes})
+            load_scfoundation_state_dict(module, self.module.state_dict(), init_missing_head=True)
+            self._replace_module(module, n_labels=n_classes)
+            self._model_summary_string += f", {n_classes}-class head"
+        super()._prepare_classifier(n_classes)
+
+    def _frozen_parameters(self, freeze_layers: int | str) -> list[torch.nn.Parameter]:
+        if freeze_layers != "official":
+            return super()._frozen_parameters(freeze_layers)
+        layers = self._backbone_layers()
+        # the official example trains only the second-to-last encoder layer and the head
+        parts = (layers[-2] if len(layers) > 1 else layers[-1], self.module.classifier)
+        trainable = {id(p) for part in parts for p in part.parameters()}
+        return [p for p in self.module.parameters() if p.requires_grad and id(p) not in trainable]
 
     # ------------------------------------------------------------------ outputs
     def get_latent_representation(

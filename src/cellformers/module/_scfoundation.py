@@ -20,6 +20,7 @@ from torch import nn
 
 from ..nn import AutoDiscretizationEmbedding, Performer, TransformerEncoder, TransformerEncoderLayer
 from ..nn._performer import STABILIZERS
+from ._classification import ClassifierMixin
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +132,34 @@ class SCFoundationDecoder(nn.Module):
         return self.norm(self.performer(x))
 
 
-class SCFoundationModule(BaseModuleClass):
+class SCFoundationClassifier(nn.Module):
+    """Cell classification head of the official fine-tuning example (``LinearProbingClassifier``).
+
+    ``norm`` (``BatchNorm1d(dim, affine=False, eps=1e-6)``) then ``fc1`` (``Linear(dim, hidden)
+    → ReLU → Linear(hidden, n_labels)``) on the maximum of the encoder's gene states.
+
+    Parameters
+    ----------
+    dim
+        Encoder width.
+    n_labels
+        Number of classes.
+    hidden
+        Hidden width of ``fc1`` (official 256).
+
+    """
+
+    def __init__(self, dim: int, n_labels: int, hidden: int = 256):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        self.fc1 = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, n_labels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits ``[batch, n_labels]`` of pooled states ``[batch, dim]``."""
+        return self.fc1(self.norm(x))
+
+
+class SCFoundationModule(ClassifierMixin, BaseModuleClass):
     """scFoundation: auto-binned value embedding, transformer encoder, Performer decoder.
 
     Submodules (state-dict prefixes): ``token_emb``
@@ -221,6 +249,13 @@ class SCFoundationModule(BaseModuleClass):
         ``mae_encoder_max_seq_len`` is 15,000); `None` sets no cap.
     target_sum
         Total of the normalised profile (``log1p(x / total * target_sum)``; 1e4 officially).
+    n_labels
+        Classes of the cell classification head ``classifier``
+        (:class:`SCFoundationClassifier`); 0 builds none. With ``objective="classification"``
+        minibatches hold the token batch (``values``, ``positions``, ``lengths``) and the
+        labels, and the loss is the cross-entropy.
+    classifier_hidden
+        Hidden width of the classification head.
 
     """
 
@@ -255,8 +290,12 @@ class SCFoundationModule(BaseModuleClass):
         zero_mask_prob: float = 0.03,
         max_encoder_len: int | None = None,
         target_sum: float = 1e4,
+        n_labels: int = 0,
+        classifier_hidden: int = 256,
     ):
         super().__init__()
+        if n_labels < 0:
+            raise ValueError(f"n_labels must be >= 0, got {n_labels}.")
         if n_genes < 1:
             raise ValueError(f"n_genes must be >= 1, got {n_genes}.")
         if stabilizer not in STABILIZERS:
@@ -337,8 +376,29 @@ class SCFoundationModule(BaseModuleClass):
         self.decoder_embed = nn.Linear(encoder_dim, decoder_dim)
         self.norm = nn.LayerNorm(decoder_dim)
         self.to_final = nn.Linear(decoder_dim, 1) if expression_head else None
+        self.n_labels = int(n_labels)
+        self.classifier = (
+            SCFoundationClassifier(encoder_dim, n_labels, classifier_hidden) if n_labels else None
+        )
+        self._objective = "mlm"
 
     # ------------------------------------------------------------------ settings
+    @property
+    def objective(self) -> str:
+        """Training objective: ``"mlm"`` (read-depth-aware masked pretraining) or ``"classification"``."""
+        return self._objective
+
+    @objective.setter
+    def objective(self, value: str) -> None:
+        if value not in ("mlm", "classification"):
+            raise ValueError(f"objective must be 'mlm' or 'classification', got {value!r}.")
+        if value == "classification" and self.classifier is None:
+            raise ValueError(
+                "objective 'classification' needs the classification head; build the module "
+                "with n_labels > 0."
+            )
+        self._objective = value
+
     @property
     def stabilizer(self) -> str:
         """Decoder key stabiliser, ``"cell"`` (batch-invariant) or ``"batch"`` (official)."""
@@ -487,6 +547,20 @@ class SCFoundationModule(BaseModuleClass):
 
         """
         return self.pool(self.encode(values, positions, lengths), lengths, pooling)
+
+    def classify(
+        self, values: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor
+    ) -> torch.Tensor:
+        """Class logits ``[batch, n_labels]``: the head on the maximum over the gene states.
+
+        As the official fine-tuning example, the encoder's final states are max-pooled over
+        the gene tokens (T and S are read but left out of the pooling).
+        """
+        if self.classifier is None:
+            raise RuntimeError("This module has no classification head (built with n_labels=0).")
+        hidden = self.encode(values, positions, lengths)
+        d = self.encoder_dim
+        return self.classifier(self.pool(hidden, lengths, "all")[:, 2 * d : 3 * d])
 
     # ------------------------------------------------------------------ decoder
     def decode(
@@ -686,6 +760,8 @@ class SCFoundationModule(BaseModuleClass):
 
     # ------------------------------------------------------------------ scvi-tools protocol
     def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict:
+        if self.objective == "classification":
+            return {k: tensors[k] for k in ("values", "positions", "lengths")}
         if COUNTS_KEY not in tensors:
             raise KeyError(
                 f"The minibatch has no {COUNTS_KEY!r} (raw counts [batch, n_genes] aligned to the "
@@ -695,8 +771,19 @@ class SCFoundationModule(BaseModuleClass):
         return {"counts": tensors[COUNTS_KEY]}
 
     @auto_move_data
-    def inference(self, counts: torch.Tensor, mask: bool = True) -> dict[str, torch.Tensor]:
+    def inference(
+        self,
+        counts: torch.Tensor | None = None,
+        mask: bool = True,
+        *,
+        values: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Corrupt the counts (:meth:`corrupt`) and encode the visible tokens.
+
+        With ``objective="classification"`` the token batch (``values``, ``positions``,
+        ``lengths``) is classified instead: ``{"logits": [batch, n_labels]}``.
 
         Parameters
         ----------
@@ -705,6 +792,8 @@ class SCFoundationModule(BaseModuleClass):
         mask
             Apply the down-sampling and masking; `False` encodes every expressed gene with
             ``T = S = log10(total)`` and nothing is predicted.
+        values, positions, lengths
+            The token batch (classification only).
 
         Returns
         -------
@@ -712,6 +801,8 @@ class SCFoundationModule(BaseModuleClass):
         ``valid`` (see :meth:`corrupt`).
 
         """
+        if self.objective == "classification":
+            return {"logits": self.classify(values, positions, lengths)}
         if mask:
             batch = self.corrupt(counts)
         else:
@@ -739,6 +830,8 @@ class SCFoundationModule(BaseModuleClass):
         inference_outputs: dict[str, torch.Tensor],
         **kwargs,
     ) -> dict:
+        if self.objective == "classification":
+            return {"logits": inference_outputs["logits"]}
         return {
             "hidden": inference_outputs["hidden"],
             "positions": inference_outputs["positions"],
@@ -749,10 +842,11 @@ class SCFoundationModule(BaseModuleClass):
     @auto_move_data
     def generative(
         self,
-        hidden: torch.Tensor,
-        positions: torch.Tensor,
-        lengths: torch.Tensor,
+        hidden: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
         masked: torch.Tensor | None = None,
+        logits: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Decode all positions and predict the expression of every gene.
 
@@ -766,12 +860,16 @@ class SCFoundationModule(BaseModuleClass):
             Real encoder tokens per cell.
         masked
             Boolean ``[batch, n_genes + 2]``, positions given the mask embedding.
+        logits
+            Class logits (classification only; passed through).
 
         Returns
         -------
         ``{"expression": [batch, n_genes]}``.
 
         """
+        if self.objective == "classification":
+            return {"logits": logits}
         head = self._require_head()
         y = self.decode(hidden, positions, lengths, masked=masked)
         return {"expression": head(y[:, : self.n_genes]).squeeze(-1)}
@@ -782,7 +880,7 @@ class SCFoundationModule(BaseModuleClass):
         inference_outputs: dict[str, torch.Tensor],
         generative_outputs: dict[str, torch.Tensor],
     ) -> LossOutput:
-        """Masked regression loss of RDA pretraining.
+        """Masked regression loss of RDA pretraining (or cross-entropy for classification).
 
         Per cell, the mean squared error between the predicted and the target (full-depth)
         normalised expression over its masked genes is ``reconstruction_loss`` (0 for a cell
@@ -803,6 +901,8 @@ class SCFoundationModule(BaseModuleClass):
         :class:`scvi.module.base.LossOutput`.
 
         """
+        if self.objective == "classification":
+            return self._classification_loss(tensors, generative_outputs["logits"])
         pred = generative_outputs["expression"].float()
         target = inference_outputs["target"].to(pred.dtype)
         masked = inference_outputs["masked"][:, : self.n_genes]

@@ -483,7 +483,10 @@ def _explain(
 
 
 def load_scfoundation_state_dict(
-    module: nn.Module, state_dict: Mapping[str, torch.Tensor]
+    module: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    init_missing_head: bool = False,
 ) -> nn.Module:
     """Load official scFoundation weights into an :class:`~cellformers.module.SCFoundationModule`, strictly.
 
@@ -499,6 +502,9 @@ def load_scfoundation_state_dict(
     state_dict
         Weights under the official key names (:attr:`ScFoundationCheckpoint.state_dict`), or
         the module's own names.
+    init_missing_head
+        Allow the cell classification head (``classifier.*``, not part of the published
+        networks) to be absent from the weights; it keeps its fresh initialisation.
 
     Returns
     -------
@@ -518,6 +524,9 @@ def load_scfoundation_state_dict(
     given = _to_module_keys(state_dict)
     ours = module.state_dict()
     missing = [k for k in ours if k not in given]
+    head_only = init_missing_head and not any(k.startswith("classifier.") for k in given)
+    if head_only:
+        missing = [k for k in missing if not k.startswith("classifier.")]
     unexpected = [k for k in given if k not in ours]
     mismatched = [
         f"{_to_official_key(k)}: checkpoint {tuple(v.shape)} vs module {tuple(ours[k].shape)}"
@@ -541,7 +550,7 @@ def load_scfoundation_state_dict(
             lines.append("What this usually means:")
             lines.extend(f"  - {h}" for h in hints)
         raise RuntimeError("\n".join(lines))
-    module.load_state_dict(given, strict=True)
+    module.load_state_dict(given, strict=not head_only)
     return module
 
 
