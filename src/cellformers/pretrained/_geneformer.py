@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from ._utils import compare_keys, raise_key_mismatch
+
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
@@ -573,28 +575,10 @@ def load_geneformer_state_dict(
                 kept_heads.append(what)
                 missing = [k for k in missing if not k.startswith(hf_prefix)]
     unexpected = [k for k in given if k not in expected]
-    mismatched = [
-        f"{k}: checkpoint {tuple(v.shape)} vs module {expected[k]}"
-        for k, v in given.items()
-        if k in expected and tuple(v.shape) != expected[k]
-    ]
+    mismatched = compare_keys(expected, given)[2]
     if missing or unexpected or mismatched:
-        lines = [f"The Geneformer weights do not match {type(module).__name__}:"]
-        for title, items, sep in (
-            ("missing keys", missing, ", "),
-            ("unexpected keys", unexpected, ", "),
-            ("shape mismatches", mismatched, "; "),
-        ):
-            if items:
-                lines.append(
-                    f"  {title} ({len(items)}): {sep.join(items[:20])}"
-                    + (" ..." if len(items) > 20 else "")
-                )
         hints = _explain(module, missing, unexpected, mismatched)
-        if hints:
-            lines.append("What this usually means:")
-            lines.extend(f"  - {h}" for h in hints)
-        raise RuntimeError("\n".join(lines))
+        raise_key_mismatch("Geneformer", module, missing, unexpected, mismatched, hints)
     if decoder is not None:
         words = given[_WORD_EMBEDDINGS]
         if decoder.shape != words.shape or not torch.equal(decoder, words):

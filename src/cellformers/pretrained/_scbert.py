@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from ._utils import compare_keys, raise_key_mismatch
+
 logger = logging.getLogger(__name__)
 
 _STATE_KEY = "model_state_dict"
@@ -371,30 +373,10 @@ def load_scbert_state_dict(
             given = {k: v for k, v in given.items() if k not in given_head}
             given.update({k: ours[k] for k in ours_head})
             kept_head = True
-    missing = [k for k in ours if k not in given]
-    unexpected = [k for k in given if k not in ours]
-    mismatched = [
-        f"{k}: checkpoint {tuple(v.shape)} vs module {tuple(ours[k].shape)}"
-        for k, v in given.items()
-        if k in ours and tuple(v.shape) != tuple(ours[k].shape)
-    ]
+    missing, unexpected, mismatched = compare_keys({k: v.shape for k, v in ours.items()}, given)
     if missing or unexpected or mismatched:
-        lines = [f"The scBERT weights do not match {type(module).__name__}:"]
-        for title, items, sep in (
-            ("missing keys", missing, ", "),
-            ("unexpected keys", unexpected, ", "),
-            ("shape mismatches", mismatched, "; "),
-        ):
-            if items:
-                lines.append(
-                    f"  {title} ({len(items)}): {sep.join(items[:20])}"
-                    + (" ..." if len(items) > 20 else "")
-                )
         hints = _explain(module, missing, unexpected, mismatched)
-        if hints:
-            lines.append("What this usually means:")
-            lines.extend(f"  - {h}" for h in hints)
-        raise RuntimeError("\n".join(lines))
+        raise_key_mismatch("scBERT", module, missing, unexpected, mismatched, hints)
     module.load_state_dict(given, strict=True)
     if kept_head:
         logger.info(

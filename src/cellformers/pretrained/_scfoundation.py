@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..nn._performer import default_nb_features
+from ._utils import compare_keys, raise_key_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -523,33 +524,21 @@ def load_scfoundation_state_dict(
         )
     given = _to_module_keys(state_dict)
     ours = module.state_dict()
-    missing = [k for k in ours if k not in given]
+    expected = {k: v.shape for k, v in ours.items()}
+    missing, unexpected, mismatched = compare_keys(expected, given, name=_to_official_key)
     head_only = init_missing_head and not any(k.startswith("classifier.") for k in given)
     if head_only:
         missing = [k for k in missing if not k.startswith("classifier.")]
-    unexpected = [k for k in given if k not in ours]
-    mismatched = [
-        f"{_to_official_key(k)}: checkpoint {tuple(v.shape)} vs module {tuple(ours[k].shape)}"
-        for k, v in given.items()
-        if k in ours and tuple(v.shape) != tuple(ours[k].shape)
-    ]
     if missing or unexpected or mismatched:
-        lines = [f"The scFoundation weights do not match {type(module).__name__}:"]
-        for title, items, sep in (
-            ("missing keys", [_to_official_key(k) for k in missing], ", "),
-            ("unexpected keys", [_to_official_key(k) for k in unexpected], ", "),
-            ("shape mismatches", mismatched, "; "),
-        ):
-            if items:
-                lines.append(
-                    f"  {title} ({len(items)}): {sep.join(items[:20])}"
-                    + (" ..." if len(items) > 20 else "")
-                )
         hints = _explain(module, missing, unexpected, mismatched)
-        if hints:
-            lines.append("What this usually means:")
-            lines.extend(f"  - {h}" for h in hints)
-        raise RuntimeError("\n".join(lines))
+        raise_key_mismatch(
+            "scFoundation",
+            module,
+            [_to_official_key(k) for k in missing],
+            [_to_official_key(k) for k in unexpected],
+            mismatched,
+            hints,
+        )
     module.load_state_dict(given, strict=not head_only)
     return module
 
