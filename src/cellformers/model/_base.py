@@ -12,7 +12,7 @@ import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
-from scvi.data.fields import CategoricalObsField, LayerField
+from scvi.data.fields import CategoricalObsField, LayerField, NumericalObsField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from ..data import (
@@ -104,6 +104,20 @@ class FoundationModelBase(UnsupervisedTrainingMixin, BaseModelClass):
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         manager.register_fields(adata, **kwargs)
         cls.register_manager(manager)
+
+    @staticmethod
+    def _total_counts_field(
+        adata: AnnData, obs_key: str, registry_key: str, *, name: str, strictly_positive: bool
+    ) -> NumericalObsField:
+        """Check that ``adata.obs[obs_key]`` holds total counts and return its registry field."""
+        if obs_key not in adata.obs:
+            raise KeyError(f"{name} {obs_key!r} is not a column of adata.obs.")
+        totals = pd.to_numeric(adata.obs[obs_key], errors="coerce").to_numpy()
+        bad = (totals <= 0) if strictly_positive else (totals < 0)
+        if not np.all(np.isfinite(totals)) or np.any(bad):
+            kind = "positive" if strictly_positive else "non-negative"
+            raise ValueError(f"adata.obs[{obs_key!r}] must hold {kind} finite total counts.")
+        return NumericalObsField(registry_key, obs_key)
 
     # ------------------------------------------------------------------ genes
     def _gene_names(self, adata: AnnData) -> pd.Index:

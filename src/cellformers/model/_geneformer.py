@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
-from scvi.data.fields import NumericalObsField
 from scvi.utils import setup_anndata_dsp
 
 from ..data import geneformer_v1_dictionaries
@@ -317,14 +316,11 @@ class Geneformer(FoundationModelBase):
         setup_method_args = cls._get_setup_method_args(**locals())
         extra = []
         if n_counts_key is not None:
-            if n_counts_key not in adata.obs:
-                raise KeyError(f"n_counts_key {n_counts_key!r} is not a column of adata.obs.")
-            totals = pd.to_numeric(adata.obs[n_counts_key], errors="coerce").to_numpy()
-            if not np.all(np.isfinite(totals)) or np.any(totals < 0):
-                raise ValueError(
-                    f"adata.obs[{n_counts_key!r}] must hold non-negative finite total counts."
+            extra.append(
+                cls._total_counts_field(
+                    adata, n_counts_key, N_COUNTS_KEY, name="n_counts_key", strictly_positive=False
                 )
-            extra.append(NumericalObsField(N_COUNTS_KEY, n_counts_key))
+            )
         cls._register_anndata(
             adata,
             setup_method_args=setup_method_args,

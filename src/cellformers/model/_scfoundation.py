@@ -14,7 +14,6 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
-from scvi.data.fields import NumericalObsField
 from scvi.utils import setup_anndata_dsp
 
 from ..genes import GeneVocab, match_genes, read_gene_list
@@ -280,16 +279,15 @@ class SCFoundation(FoundationModelBase):
         setup_method_args = cls._get_setup_method_args(**locals())
         extra = []
         if total_counts_key is not None:
-            if total_counts_key not in adata.obs:
-                raise KeyError(
-                    f"total_counts_key {total_counts_key!r} is not a column of adata.obs."
+            extra.append(
+                cls._total_counts_field(
+                    adata,
+                    total_counts_key,
+                    TOTAL_COUNTS_KEY,
+                    name="total_counts_key",
+                    strictly_positive=True,
                 )
-            totals = pd.to_numeric(adata.obs[total_counts_key], errors="coerce").to_numpy()
-            if not np.all(np.isfinite(totals)) or np.any(totals <= 0):
-                raise ValueError(
-                    f"adata.obs[{total_counts_key!r}] must hold positive finite total counts."
-                )
-            extra.append(NumericalObsField(TOTAL_COUNTS_KEY, total_counts_key))
+            )
         cls._register_anndata(
             adata,
             setup_method_args=setup_method_args,
