@@ -120,6 +120,12 @@ def test_read_checkpoint(ckpt_folder):
         "pad_value": -2.0,
         "mask_value": -1.0,
         "do_mvc": True,
+        "n_batch": 0,
+        "use_batch_labels": False,
+        "domain_spec_batchnorm": False,
+        "do_dab": False,
+        "explicit_zero_prob": False,
+        "ecs_threshold": None,
         "n_bins": 51,
         "pad_token": "<pad>",
     }

@@ -2,6 +2,14 @@
 
 from ._attention import MultiheadSelfAttention
 from ._autobin import AutoDiscretizationEmbedding
+from ._batch import (
+    AdversarialDiscriminator,
+    BatchLabelEncoder,
+    DomainSpecificBatchNorm1d,
+    GradientReversal,
+    elastic_cell_similarity,
+    grad_reverse,
+)
 from ._encoders import ContinuousValueEncoder, GeneEncoder
 from ._heads import ClsDecoder, ExprDecoder, MaskedLMHead, MVCDecoder
 from ._performer import (
@@ -16,12 +24,16 @@ from ._performer import (
 from ._transformer import TransformerEncoder, TransformerEncoderLayer
 
 __all__ = [
+    "AdversarialDiscriminator",
     "AutoDiscretizationEmbedding",
+    "BatchLabelEncoder",
     "ClsDecoder",
     "ContinuousValueEncoder",
+    "DomainSpecificBatchNorm1d",
     "ExprDecoder",
     "FastAttention",
     "GeneEncoder",
+    "GradientReversal",
     "MVCDecoder",
     "MaskedLMHead",
     "MultiheadSelfAttention",
@@ -30,7 +42,9 @@ __all__ = [
     "PerformerSelfAttention",
     "TransformerEncoder",
     "TransformerEncoderLayer",
+    "elastic_cell_similarity",
     "gaussian_orthogonal_random_matrix",
+    "grad_reverse",
     "linear_attention",
     "softmax_kernel_features",
 ]

@@ -10,24 +10,36 @@ from ._transformer import _ACTIVATIONS
 
 
 class ExprDecoder(nn.Module):
-    """Per-token value regression head (scGPT's ``ExprDecoder`` without the zero-probability branch).
+    """Per-token value regression head (scGPT's ``ExprDecoder``).
 
     ``fc`` is ``Linear(d_in, d_model) → LeakyReLU → Linear(d_model, d_model) → LeakyReLU →
-    Linear(d_model, 1)``.
+    Linear(d_model, 1)``. With ``explicit_zero_prob`` an MLP of the same shape, ``zero_logit``,
+    gives the probability that each value is non-zero (:meth:`zero_probs`; scGPT calls it
+    ``zero_probs``).
 
     Parameters
     ----------
     d_model
         Hidden dimension.
     d_in
-        Input dimension; defaults to ``d_model``.
+        Input dimension; defaults to ``d_model`` (scGPT uses ``2 * d_model`` when the token
+        states are concatenated with a batch embedding).
+    explicit_zero_prob
+        Build the ``zero_logit`` branch.
 
     """
 
-    def __init__(self, d_model: int, d_in: int | None = None):
+    def __init__(self, d_model: int, d_in: int | None = None, *, explicit_zero_prob: bool = False):
         super().__init__()
         d_in = d_model if d_in is None else d_in
-        self.fc = nn.Sequential(
+        self.fc = self._mlp(d_in, d_model)
+        self.explicit_zero_prob = explicit_zero_prob
+        if explicit_zero_prob:
+            self.zero_logit = self._mlp(d_in, d_model)
+
+    @staticmethod
+    def _mlp(d_in: int, d_model: int) -> nn.Sequential:
+        return nn.Sequential(
             nn.Linear(d_in, d_model),
             nn.LeakyReLU(),
             nn.Linear(d_model, d_model),
@@ -39,28 +51,49 @@ class ExprDecoder(nn.Module):
         """Predict one value per token: ``[batch, length, d_in]`` -> ``[batch, length]``."""
         return self.fc(x).squeeze(-1)
 
+    def zero_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[batch, length]`` of each value being non-zero (``explicit_zero_prob``)."""
+        if not self.explicit_zero_prob:
+            raise RuntimeError("This decoder was built without explicit_zero_prob.")
+        return self.zero_logit(x).squeeze(-1)
+
+    def zero_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Probabilities ``[batch, length]`` of each value being non-zero (sigmoid of the logits)."""
+        return torch.sigmoid(self.zero_logits(x))
+
 
 class MVCDecoder(nn.Module):
     """Inner-product decoder from a cell embedding and gene-token embeddings (scGPT's ``MVCDecoder``).
 
     ``pred[b, i] = W(sigmoid(gene2query(gene_embs[b, i]))) · cell_emb[b]`` — the "inner product"
-    style of scGPT's masked value prediction for cell embeddings (MVC / GEPC).
+    style of scGPT's masked value prediction for cell embeddings (MVC / GEPC). With
+    ``explicit_zero_prob``, ``W_zero_logit`` (with bias) gives the logits of each value being
+    non-zero in the same way (:meth:`zero_probs`).
 
     Parameters
     ----------
     d_model
         Dimension of the gene-token embeddings.
     d_in
-        Dimension of the cell embedding; defaults to ``d_model``.
+        Dimension of the cell embedding; defaults to ``d_model`` (scGPT uses ``2 * d_model``
+        when the cell embedding is concatenated with a batch embedding).
+    explicit_zero_prob
+        Build ``W_zero_logit``.
 
     """
 
-    def __init__(self, d_model: int, d_in: int | None = None):
+    def __init__(self, d_model: int, d_in: int | None = None, *, explicit_zero_prob: bool = False):
         super().__init__()
         d_in = d_model if d_in is None else d_in
         self.gene2query = nn.Linear(d_model, d_model)
         self.query_activation = nn.Sigmoid()
         self.W = nn.Linear(d_model, d_in, bias=False)
+        self.explicit_zero_prob = explicit_zero_prob
+        if explicit_zero_prob:
+            self.W_zero_logit = nn.Linear(d_model, d_in)
+
+    def _query(self, gene_embs: torch.Tensor) -> torch.Tensor:
+        return self.query_activation(self.gene2query(gene_embs))
 
     def forward(self, cell_emb: torch.Tensor, gene_embs: torch.Tensor) -> torch.Tensor:
         """Predict one value per gene token.
@@ -77,8 +110,18 @@ class MVCDecoder(nn.Module):
         Tensor of shape ``[batch, length]``.
 
         """
-        query = self.query_activation(self.gene2query(gene_embs))
-        return torch.matmul(self.W(query), cell_emb.unsqueeze(-1)).squeeze(-1)
+        return torch.matmul(self.W(self._query(gene_embs)), cell_emb.unsqueeze(-1)).squeeze(-1)
+
+    def zero_logits(self, cell_emb: torch.Tensor, gene_embs: torch.Tensor) -> torch.Tensor:
+        """Logits ``[batch, length]`` of each value being non-zero (``explicit_zero_prob``)."""
+        if not self.explicit_zero_prob:
+            raise RuntimeError("This decoder was built without explicit_zero_prob.")
+        query = self._query(gene_embs)
+        return torch.matmul(self.W_zero_logit(query), cell_emb.unsqueeze(-1)).squeeze(-1)
+
+    def zero_probs(self, cell_emb: torch.Tensor, gene_embs: torch.Tensor) -> torch.Tensor:
+        """Probabilities ``[batch, length]`` of each value being non-zero."""
+        return torch.sigmoid(self.zero_logits(cell_emb, gene_embs))
 
 
 class MaskedLMHead(nn.Module):

@@ -52,7 +52,10 @@ class ScGPTCheckpoint:
     config
         Architecture settings from ``args.json``, named as :class:`~cellformers.module.SCGPTModule`
         keywords (``d_model``, ``nhead``, ``d_hid``, ``nlayers``, ``dropout``, ``pad_value``,
-        ``mask_value``, ``do_mvc``) plus the tokenisation settings ``n_bins`` and ``pad_token``.
+        ``mask_value``, ``do_mvc``), the integration options read from the weights
+        (``n_batch``, ``use_batch_labels``, ``domain_spec_batchnorm``, ``do_dab``,
+        ``explicit_zero_prob``) and ``args.json`` (``ecs_threshold`` from ``ecs_thres``), plus
+        the tokenisation settings ``n_bins`` and ``pad_token``.
     vocab
         The gene vocabulary (``vocab.json`` with missing ``<pad>``, ``<cls>``, ``<eoc>`` appended).
     state_dict
@@ -162,9 +165,59 @@ def _config_from_args(args: Mapping[str, Any], state_dict: Mapping[str, torch.Te
         )
         do_mvc = has_mvc
     config["do_mvc"] = do_mvc
+    config.update(_batch_config(args, state_dict, d_model=config["d_model"]))
     config["n_bins"] = int(args.get("n_bins", 51))
     config["pad_token"] = args.get("pad_token", "<pad>")
     return config
+
+
+def _batch_config(
+    args: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], *, d_model: int
+) -> dict[str, Any]:
+    """Integration options of a checkpoint, read from its weights (and ECS from args.json).
+
+    The number of batch labels is the row count of ``batch_encoder.embedding.weight``, the
+    number of ``dsbn.bns.{k}`` domains and the output size of the discriminator, which must
+    agree; the expression decoder's input size (``2 * d_model`` with batch labels) must match.
+    """
+    sizes: dict[str, int] = {}
+    if "batch_encoder.embedding.weight" in state_dict:
+        sizes["batch_encoder.embedding.weight rows"] = state_dict[
+            "batch_encoder.embedding.weight"
+        ].shape[0]
+    domains = {int(m.group(1)) for k in state_dict if (m := _DSBN_RE.match(k))}
+    if domains:
+        sizes["dsbn domains"] = max(domains) + 1
+    if "grad_reverse_discriminator.out_layer.weight" in state_dict:
+        sizes["discriminator outputs"] = state_dict[
+            "grad_reverse_discriminator.out_layer.weight"
+        ].shape[0]
+    if len(set(sizes.values())) > 1:
+        raise ValueError(
+            "The checkpoint's batch parts disagree on the number of batch labels: "
+            + ", ".join(f"{k} {v}" for k, v in sizes.items())
+            + "."
+        )
+    use_batch_labels = "batch_encoder.embedding.weight" in state_dict
+    fc0 = state_dict.get("decoder.fc.0.weight")
+    if fc0 is not None and fc0.dim() == 2:
+        expected = 2 * d_model if use_batch_labels else d_model
+        if fc0.shape[1] != expected:
+            raise ValueError(
+                f"decoder.fc.0.weight has input size {fc0.shape[1]}, but the checkpoint "
+                f"{'has' if use_batch_labels else 'lacks'} batch_encoder.*, so scGPT's decoder "
+                f"reads {expected} features (d_model {d_model})."
+            )
+    ecs = args.get("ecs_thres", args.get("ecs_threshold"))
+    ecs = float(ecs) if ecs is not None and float(ecs) > 0 else None
+    return {
+        "n_batch": next(iter(sizes.values()), 0),
+        "use_batch_labels": use_batch_labels,
+        "domain_spec_batchnorm": bool(domains),
+        "do_dab": "grad_reverse_discriminator.out_layer.weight" in state_dict,
+        "explicit_zero_prob": "decoder.zero_logit.0.weight" in state_dict,
+        "ecs_threshold": ecs,
+    }
 
 
 def normalize_scgpt_state_dict(
@@ -230,6 +283,18 @@ def normalize_scgpt_state_dict(
 
 
 _LAYER_RE = re.compile(r"^transformer_encoder\.layers\.(\d+)\.")
+_DSBN_RE = re.compile(r"^dsbn\.bns\.(\d+)\.")
+
+#: Parts that a pretrained checkpoint lacks when integration fine-tuning starts from it.
+_BATCH_PREFIXES: tuple[str, ...] = (
+    "batch_encoder.",
+    "dsbn.",
+    "grad_reverse_discriminator.",
+    "decoder.zero_logit.",
+    "mvc_decoder.W_zero_logit.",
+)
+#: Decoder inputs that grow from d_model to 2 * d_model with batch labels.
+_BATCH_INPUT_KEYS: tuple[str, ...] = ("decoder.fc.0.weight", "mvc_decoder.W.weight")
 
 _HINTS: tuple[tuple[str, str, str], ...] = (
     # (side, key prefix, or "*substring", meaning)
@@ -267,9 +332,27 @@ _HINTS: tuple[tuple[str, str, str], ...] = (
     (
         "unexpected",
         "batch_encoder.",
-        "a batch-label fine-tuned checkpoint (use_batch_labels), not supported",
+        "a batch-label checkpoint: build the module with use_batch_labels=True and n_batch = "
+        "its rows",
     ),
-    ("unexpected", "dsbn.", "domain-specific batch norm (integration fine-tuning), not supported"),
+    (
+        "missing",
+        "batch_encoder.",
+        "the checkpoint has no batch encoder: build the module with use_batch_labels=False, or "
+        "pass init_batch_modules=True to start integration fine-tuning from it",
+    ),
+    (
+        "unexpected",
+        "dsbn.",
+        "domain-specific batch norm: build the module with domain_spec_batchnorm=True and "
+        "n_batch = its domains",
+    ),
+    (
+        "missing",
+        "dsbn.",
+        "the checkpoint has no domain-specific batch norm: build the module with "
+        "domain_spec_batchnorm=False, or pass init_batch_modules=True",
+    ),
     (
         "unexpected",
         "bn.",
@@ -278,12 +361,24 @@ _HINTS: tuple[tuple[str, str, str], ...] = (
     (
         "unexpected",
         "grad_reverse_discriminator.",
-        "an adversarial batch discriminator (do_dab), not supported",
+        "an adversarial batch discriminator: build the module with do_dab=True",
+    ),
+    (
+        "missing",
+        "grad_reverse_discriminator.",
+        "the checkpoint has no batch discriminator: build the module with do_dab=False, or "
+        "pass init_batch_modules=True",
     ),
     (
         "unexpected",
         "*zero_logit",
-        "explicit zero-probability heads (explicit_zero_prob), not supported",
+        "explicit zero-probability heads: build the module with explicit_zero_prob=True",
+    ),
+    (
+        "missing",
+        "*zero_logit",
+        "the checkpoint has no zero-probability heads: build the module with "
+        "explicit_zero_prob=False",
     ),
     (
         "unexpected",
@@ -322,6 +417,10 @@ def _explain(missing: list[str], unexpected: list[str], mismatched: list[str]) -
             add("encoder.embedding.weight: vocabulary size or d_model differs from the checkpoint")
         elif item.startswith(("decoder.fc.0.", "mvc_decoder.W.")):
             add(f"{item.split(':')[0]}: a batch-label (use_batch_labels) head or another d_model")
+        elif item.startswith(
+            ("batch_encoder.embedding.", "dsbn.", "grad_reverse_discriminator.out_layer.")
+        ):
+            add(f"{item.split(':')[0]}: n_batch differs from the checkpoint's batch labels")
     if mismatched and not hints:
         add("shape mismatches: d_model / d_hid differ from the checkpoint (use args.json)")
     return hints
@@ -332,6 +431,7 @@ def load_scgpt_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     *,
     init_missing_head: bool = False,
+    init_batch_modules: bool = False,
 ):
     """Load a normalised scGPT state dict strictly.
 
@@ -345,6 +445,13 @@ def load_scgpt_state_dict(
         Allow the classification head (``cls_decoder.*``) to be absent from the weights (a
         pretrained checkpoint loaded for fine-tuning); it keeps its fresh initialisation.
         Every other key must still match.
+    init_batch_modules
+        Start integration fine-tuning from a checkpoint without batch parts, as scGPT's
+        integration recipe does: ``batch_encoder.*``, ``dsbn.*``,
+        ``grad_reverse_discriminator.*`` and the zero-probability heads may be absent, and
+        ``decoder.fc.0.weight`` / ``mvc_decoder.W.weight`` may have ``d_model`` instead of
+        ``2 * d_model`` input features; those keep their fresh initialisation (logged). Every
+        other key must still match.
 
     Returns
     -------
@@ -357,7 +464,21 @@ def load_scgpt_state_dict(
 
     """
     expected = module.state_dict()
-    missing = [k for k in expected if k not in state_dict]
+    fresh: list[str] = []
+    if init_batch_modules:
+        d_model = getattr(module, "d_model", None)
+        state_dict = dict(state_dict)
+        for key in _BATCH_INPUT_KEYS:
+            if key not in state_dict or key not in expected:
+                continue
+            ours, theirs = tuple(expected[key].shape), tuple(state_dict[key].shape)
+            grown = (d_model, 2 * d_model) if key.startswith("decoder.") else (2 * d_model, d_model)
+            shrunk = (d_model, d_model)
+            if ours == grown and theirs == shrunk:
+                del state_dict[key]
+                fresh.append(key)
+        fresh += [k for k in expected if k not in state_dict and k.startswith(_BATCH_PREFIXES)]
+    missing = [k for k in expected if k not in state_dict and k not in fresh]
     head_only = init_missing_head and not any(k.startswith("cls_decoder.") for k in state_dict)
     if head_only:
         missing = [k for k in missing if not k.startswith("cls_decoder.")]
@@ -389,5 +510,10 @@ def load_scgpt_state_dict(
             lines.append("What this usually means:")
             lines.extend(f"  - {h}" for h in hints)
         raise RuntimeError("\n".join(lines))
-    module.load_state_dict(state_dict, strict=not head_only)
+    if fresh:
+        logger.info(
+            "Integration parts not in the checkpoint keep their fresh initialisation: %s",
+            ", ".join(sorted({k.rsplit(".", 1)[0] for k in fresh})),
+        )
+    module.load_state_dict(state_dict, strict=not (head_only or fresh))
     return module
