@@ -9,6 +9,7 @@ from uuid import uuid4
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
@@ -23,6 +24,7 @@ from ..data import (
     length_bucketed_batches,
     to_csr,
 )
+from ..tokenize import COUNT_PERTURB_MODES, perturb_counts
 from ..train import PretrainingPlan
 
 logger = logging.getLogger(__name__)
@@ -231,15 +233,18 @@ class FoundationModelBase(UnsupervisedTrainingMixin, BaseModelClass):
         adata: AnnData,
         indices: np.ndarray,
         batch_size: int,
+        X=None,
     ):
         """Yield ``(positions, tokens)`` over the cells at ``indices`` in length-sorted batches.
 
         ``positions`` index the output rows (the order of ``indices``). Cells are read in
         chunks, sorted by token length inside each chunk and batched, so padding is minimal and
-        every cell's tokens depend on that cell alone.
+        every cell's tokens depend on that cell alone. ``X`` replaces the registered expression
+        of the selected cells (one row per entry of ``indices``, in that order), e.g. for
+        in-silico perturbations; per-cell registry fields are still read from ``adata``.
         """
         manager = self.get_anndata_manager(adata, required=True)
-        X = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        source = manager.get_from_registry(REGISTRY_KEYS.X_KEY) if X is None else None
         tokenizer = self._tokenizer(adata)
         fields = {
             key: np.asarray(manager.get_from_registry(key)).reshape(adata.n_obs, -1)
@@ -247,8 +252,12 @@ class FoundationModelBase(UnsupervisedTrainingMixin, BaseModelClass):
         }
         for start in range(0, len(indices), _CHUNK_CELLS):
             chunk = indices[start : start + _CHUNK_CELLS]
-            order = np.argsort(chunk, kind="stable")  # backed files need increasing indices
-            Xc = to_csr(X[chunk[order]])
+            if X is None:
+                order = np.argsort(chunk, kind="stable")  # backed files need increasing indices
+                Xc = to_csr(source[chunk[order]])
+            else:
+                order = np.arange(len(chunk))
+                Xc = to_csr(X[start : start + len(chunk)])
             positions = start + order
             for batch in length_bucketed_batches(tokenizer.lengths(Xc), batch_size):
                 extra = {key: value[chunk[order][batch]] for key, value in fields.items()}
@@ -262,11 +271,13 @@ class FoundationModelBase(UnsupervisedTrainingMixin, BaseModelClass):
         fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
         *,
         reduce: bool = False,
+        X=None,
     ) -> np.ndarray:
         """Run ``fn`` on token batches of the requested cells and gather rows in input order.
 
         With ``reduce=True`` the rows are summed over all cells instead (in float64), for
-        per-cell outputs too large to keep (e.g. one vector per gene and cell).
+        per-cell outputs too large to keep (e.g. one vector per gene and cell). ``X`` replaces
+        the expression of the selected cells (see :meth:`_iter_token_batches`).
         """
         self._check_if_trained(warn=False)
         adata = self._validate_anndata(adata)
@@ -277,7 +288,7 @@ class FoundationModelBase(UnsupervisedTrainingMixin, BaseModelClass):
         self.module.eval()
         try:
             with torch.inference_mode():
-                for positions, tokens in self._iter_token_batches(adata, indices, batch_size):
+                for positions, tokens in self._iter_token_batches(adata, indices, batch_size, X=X):
                     tensors = {k: torch.as_tensor(v, device=self.device) for k, v in tokens.items()}
                     result = fn(tensors)
                     if reduce:
@@ -526,3 +537,161 @@ class FoundationModelBase(UnsupervisedTrainingMixin, BaseModelClass):
             predicted = predicted.astype(object)
             predicted[probs.max(1) < float(unknown_threshold)] = self._unknown_label
         return predicted
+
+    # ------------------------------------------------------------------ perturbation
+    def _perturbation_embedding(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cell embeddings compared by :meth:`perturb` (hook; the default embedding)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support perturb().")
+
+    def _perturbation_expression(self, adata: AnnData):
+        """``(fn, genes)`` predicting each cell's expression of ``genes``, or `None` (hook).
+
+        Models with an expression decoder return a function of a token batch giving
+        ``[batch, len(genes)]`` and the ``var_names`` of ``adata`` it predicts.
+        """
+        return None
+
+    def _perturbation_columns(self, adata: AnnData, genes) -> tuple[list[str], list[np.ndarray]]:
+        """Names and ``adata`` columns of the perturbations in ``genes`` (names or combinations)."""
+        if isinstance(genes, str):
+            genes = [genes]
+        combos = [(g,) if isinstance(g, str) else tuple(map(str, g)) for g in genes]
+        if not combos:
+            raise ValueError(
+                "Pass the perturbations as `genes=[...]`: gene names, or tuples of names for "
+                "combinations (an empty tuple is the unperturbed cell)."
+            )
+        names = ["+".join(c) if c else "control" for c in combos]
+        if len(set(names)) != len(names):
+            raise ValueError("`genes` names a perturbation twice.")
+        gene_names = np.asarray(self._gene_names(adata))
+        known = np.asarray(self._tokenizer(adata).gene_ids) >= 0
+        wanted = sorted({g for c in combos for g in c})
+        missing = [g for g in wanted if g not in set(gene_names)]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} gene(s) to perturb are not in the data's genes "
+                f"({'var[gene_key]' if self._setup_arg(adata, 'gene_key') else 'var_names'}): "
+                f"{missing[:10]}."
+            )
+        unread = [g for g in wanted if not known[gene_names == g].any()]
+        if unread:
+            raise ValueError(
+                f"{len(unread)} gene(s) to perturb are not read by the model (not in its "
+                f"vocabulary or gene list): {unread[:10]}."
+            )
+        columns = [np.flatnonzero(np.isin(gene_names, c) & known) for c in combos]
+        return names, columns
+
+    def _setup_arg(self, adata: AnnData, name: str):
+        """Return a setup argument of ``adata``'s registration."""
+        manager = self.get_anndata_manager(adata, required=True)
+        return manager.registry["setup_args"].get(name)
+
+    def perturb(
+        self,
+        adata: AnnData | None = None,
+        genes=(),
+        mode: str = "delete",
+        *,
+        factor: float | None = None,
+        indices: Sequence[int] | np.ndarray | None = None,
+        batch_size: int | None = None,
+    ) -> AnnData:
+        """In-silico perturbation of genes, on each cell's expression before tokenization.
+
+        Every cell is embedded as it is and with the genes perturbed
+        (:func:`~cellformers.tokenize.perturb_counts`): ``"delete"`` sets their values to 0,
+        ``"knockdown"`` multiplies them by ``factor`` (default 0.5), ``"overexpress"`` sets them
+        to ``factor`` (default 2) times the cell's largest value. The perturbed cell goes
+        through the model's own tokenizer, so the change means what the model's encoding makes
+        of it (a removed token, a lower bin or rank, a top-ranked gene). The embedding shift
+        is ``1 - cos(perturbed, original)``; a cell whose values do not change (e.g. deleting
+        a gene it does not express) gets exactly 0. Models with an expression decoder also
+        report the predicted expression change of every gene.
+
+        Parameters
+        ----------
+        adata
+            Cells to perturb (any gene set); defaults to the model's AnnData.
+        genes
+            Gene names (``var_names`` or ``var[gene_key]``), each perturbed on its own, and/or
+            tuples of names perturbed together (a combination, named ``"A+B"``); the empty
+            tuple is the unperturbed control (shift 0).
+        mode
+            ``"delete"``, ``"knockdown"`` or ``"overexpress"``.
+        factor
+            Knockdown fraction kept, or overexpression multiple of the cell's largest value.
+        indices
+            Cells to perturb (positions or boolean mask); all by default.
+        batch_size
+            Cells per forward pass; results do not depend on it.
+
+        Returns
+        -------
+        AnnData of cells x perturbations: ``X`` the embedding shift, ``layers["changed"]``
+        whether the perturbation changed the cell's values, ``var`` the mean shift over the
+        changed cells and their number, and, for models with an expression decoder,
+        ``varm["expression_change"]`` (a DataFrame of perturbations x genes: the mean over the
+        cells of the predicted expression with the perturbation minus without; a deleted
+        gene's own prediction is set to 0, since it is not expressed by construction);
+        ``uns["perturb"]`` holds the settings.
+
+        """
+        if mode not in COUNT_PERTURB_MODES:
+            raise ValueError(f"mode must be one of {COUNT_PERTURB_MODES}, got {mode!r}.")
+        perturb_counts(np.zeros((1, 1)), [], mode, factor)  # checks factor before any work
+        adata = self._validate_anndata(adata)
+        idx = _resolve_indices(indices, adata.n_obs)
+        self._check_cells(adata, idx)
+        names, columns = self._perturbation_columns(adata, genes)
+        manager = self.get_anndata_manager(adata, required=True)
+        X = to_csr(manager.get_from_registry(REGISTRY_KEYS.X_KEY)[np.sort(idx)])
+        X = X[np.argsort(np.argsort(idx, kind="stable"), kind="stable")]  # back to idx order
+        expression = self._perturbation_expression(adata)
+
+        def run(X_cells):
+            emb = self._map_cells(adata, idx, batch_size, self._perturbation_embedding, X=X_cells)
+            if expression is None:
+                return emb, None
+            fn, _ = expression
+            return emb, self._map_cells(adata, idx, batch_size, fn, X=X_cells)
+
+        base_emb, base_expr = run(X)
+        shift = np.zeros((len(idx), len(names)), dtype=np.float32)
+        changed = np.zeros((len(idx), len(names)), dtype=bool)
+        change = None if expression is None else np.zeros((len(names), base_expr.shape[1]))
+        for j, cols in enumerate(columns):
+            Xp, changed[:, j] = perturb_counts(X, cols, mode, factor)
+            if not changed[:, j].any():
+                continue
+            emb, expr = run(Xp)
+            cos = F.cosine_similarity(torch.as_tensor(emb), torch.as_tensor(base_emb), dim=-1)
+            shift[:, j] = np.where(changed[:, j], 1.0 - cos.numpy(), 0.0)
+            if expression is not None:
+                expr = np.where(changed[:, j, None], expr, base_expr)
+                if mode == "delete":
+                    own = np.isin(expression[1], np.asarray(adata.var_names)[cols])
+                    expr[:, own] = 0.0
+                change[j] = (expr - base_expr).mean(0)
+        var = pd.DataFrame(
+            {
+                "n_cells_changed": changed.sum(0),
+                "mean_shift": np.where(
+                    changed.any(0), (shift * changed).sum(0) / np.maximum(changed.sum(0), 1), 0.0
+                ),
+            },
+            index=pd.Index(names, name="perturbation"),
+        )
+        out = AnnData(
+            X=shift,
+            obs=pd.DataFrame(index=adata.obs_names[idx].copy()),
+            var=var,
+            layers={"changed": changed},
+            uns={"perturb": {"mode": mode, "factor": factor, "model": type(self).__name__}},
+        )
+        if expression is not None:
+            out.varm["expression_change"] = pd.DataFrame(
+                change.astype(np.float32), index=out.var_names, columns=list(expression[1])
+            )
+        return out

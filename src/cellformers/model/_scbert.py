@@ -538,6 +538,9 @@ class SCBERT(FoundationModelBase):
         pooled = (genes * expressed).sum(1) / count.clamp_min(1.0)
         return torch.where(count > 0, pooled, genes.mean(1))  # no expressed gene: all genes
 
+    def _perturbation_embedding(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._pool(tensors["input_ids"], "mean")
+
     def get_latent_representation(
         self,
         adata: AnnData | None = None,

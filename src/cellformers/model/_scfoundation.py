@@ -379,10 +379,6 @@ class SCFoundation(FoundationModelBase):
         )
         return match.token_ids
 
-    def _setup_arg(self, adata: AnnData, name: str):
-        manager = self.get_anndata_manager(adata, required=True)
-        return manager.registry["setup_args"].get(name)
-
     def _tokenizer(self, adata: AnnData, target_depth=None) -> _SCFoundationTokenizer:
         manager = self.get_anndata_manager(adata, required=True)
         gene_ids = self._gene_ids(adata)
@@ -595,6 +591,21 @@ class SCFoundation(FoundationModelBase):
         cols = panel_columns(self._gene_ids(adata), len(self.gene_list))
         columns = np.flatnonzero(cols >= 0)
         return columns, cols[columns]
+
+    def _perturbation_embedding(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.module.embed_cells(
+            tensors["values"], tensors["positions"], tensors["lengths"], pooling="all"
+        )
+
+    def _perturbation_expression(self, adata: AnnData):
+        columns, positions = self._genes_in_data(adata)
+        index = torch.as_tensor(positions)
+
+        def predict(t: dict[str, torch.Tensor]) -> torch.Tensor:
+            pred = self.module.predict_expression(t["values"], t["positions"], t["lengths"])
+            return pred[:, index.to(pred.device)]
+
+        return predict, adata.var_names[columns]
 
     def get_normalized_expression(
         self,

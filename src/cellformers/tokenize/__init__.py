@@ -8,10 +8,17 @@ from ._depth import (
     tokenize_scfoundation,
 )
 from ._panel import panel_columns, scbert_sequence_lengths, tokenize_scbert
-from ._perturb import RankPerturbation, drop_last_gene, perturb_rank_tokens
+from ._perturb import (
+    COUNT_PERTURB_MODES,
+    RankPerturbation,
+    drop_last_gene,
+    perturb_counts,
+    perturb_rank_tokens,
+)
 from ._rank import GeneformerTokens, geneformer_sequence_lengths, tokenize_geneformer
 
 __all__ = [
+    "COUNT_PERTURB_MODES",
     "GeneformerTokens",
     "RankPerturbation",
     "SCFoundationTokens",
@@ -20,6 +27,7 @@ __all__ = [
     "drop_last_gene",
     "geneformer_sequence_lengths",
     "panel_columns",
+    "perturb_counts",
     "perturb_rank_tokens",
     "scbert_sequence_lengths",
     "scfoundation_bulk_target_sum",
