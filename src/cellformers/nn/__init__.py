@@ -12,6 +12,16 @@ from ._batch import (
 )
 from ._encoders import ContinuousValueEncoder, GeneEncoder
 from ._heads import ClsDecoder, ExprDecoder, MaskedLMHead, MVCDecoder
+from ._lora import (
+    LORA_TARGETS,
+    LoRAAdapter,
+    add_lora,
+    find_lora_targets,
+    lora_adapters,
+    lora_state_dict,
+    merge_lora,
+    remove_lora,
+)
 from ._performer import (
     FastAttention,
     Performer,
@@ -24,6 +34,7 @@ from ._performer import (
 from ._transformer import TransformerEncoder, TransformerEncoderLayer
 
 __all__ = [
+    "LORA_TARGETS",
     "AdversarialDiscriminator",
     "AutoDiscretizationEmbedding",
     "BatchLabelEncoder",
@@ -34,6 +45,7 @@ __all__ = [
     "FastAttention",
     "GeneEncoder",
     "GradientReversal",
+    "LoRAAdapter",
     "MVCDecoder",
     "MaskedLMHead",
     "MultiheadSelfAttention",
@@ -42,9 +54,15 @@ __all__ = [
     "PerformerSelfAttention",
     "TransformerEncoder",
     "TransformerEncoderLayer",
+    "add_lora",
     "elastic_cell_similarity",
+    "find_lora_targets",
     "gaussian_orthogonal_random_matrix",
     "grad_reverse",
     "linear_attention",
+    "lora_adapters",
+    "lora_state_dict",
+    "merge_lora",
+    "remove_lora",
     "softmax_kernel_features",
 ]
