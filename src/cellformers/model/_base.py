@@ -26,6 +26,7 @@ from ..data import (
 )
 from ..tokenize import COUNT_PERTURB_MODES, perturb_counts
 from ..train import PretrainingPlan
+from ._lora import LoRAMixin
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def _resolve_indices(indices: Sequence[int] | np.ndarray | None, n_obs: int) -> 
     return indices % n_obs
 
 
-class FoundationModelBase(UnsupervisedTrainingMixin, BaseModelClass):
+class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """Behaviour shared by every cellformers model class.
 
     Subclasses provide the tokenizer (``_tokenizer``) and pass the per-batch forward pass to
@@ -439,7 +440,8 @@ class FoundationModelBase(UnsupervisedTrainingMixin, BaseModelClass):
                     f"`{type(self).__name__}.setup_anndata(adata, labels_key=...)` and build the "
                     "model again."
                 )
-            self._prepare_classifier(len(self._label_names()))
+            with self._lora_set_aside():  # a rebuilt module gets the adapters back
+                self._prepare_classifier(len(self._label_names()))
             weights = self._class_weight_tensor(class_weight)
             if kwargs.get("early_stopping"):
                 kwargs.setdefault("early_stopping_monitor", "macro_f1_validation")
@@ -447,6 +449,7 @@ class FoundationModelBase(UnsupervisedTrainingMixin, BaseModelClass):
         elif class_weight is not None:
             raise ValueError("class_weight applies to fine-tuning (mode='finetune').")
         frozen = self._frozen_parameters(freeze_layers)
+        frozen += self._lora_frozen_parameters(frozen, finetune=finetune)
         self._check_cells(self.adata, np.arange(self.adata.n_obs))
         previous = self.module.objective
         self.module.objective = "classification" if finetune else "mlm"
