@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import anndata as ad
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from official_scgpt import checkpoint_layout, official_args, with_specials, write_folder
 
+from cellformers.model import SCGPT
 from cellformers.module import SCGPTModule
 from cellformers.nn import (
     AdversarialDiscriminator,
@@ -40,27 +43,27 @@ def no_mha_fastpath():
         torch.backends.mha.set_fastpath_enabled(prev)
 
 
-def _official(vocab, *, explicit_zero_prob=False, seed=0):
+def _official(vocab, *, explicit_zero_prob=False, seed=0, n_batch=N_BATCH, args=ARGS):
     """The official model as the integration recipe builds it, every weight and statistic random."""
     from scgpt.model import TransformerModel
 
     torch.manual_seed(seed)
     model = TransformerModel(
         ntoken=len(vocab),
-        d_model=ARGS["embsize"],
-        nhead=ARGS["nheads"],
-        d_hid=ARGS["d_hid"],
-        nlayers=ARGS["nlayers"],
+        d_model=args["embsize"],
+        nhead=args["nheads"],
+        d_hid=args["d_hid"],
+        nlayers=args["nlayers"],
         nlayers_cls=3,
         n_cls=1,
         vocab=vocab,
-        dropout=ARGS["dropout"],
+        dropout=args["dropout"],
         pad_token="<pad>",
-        pad_value=ARGS["pad_value"],
+        pad_value=args["pad_value"],
         do_mvc=True,
         do_dab=True,
         use_batch_labels=True,
-        num_batch_labels=N_BATCH,
+        num_batch_labels=n_batch,
         domain_spec_batchnorm=True,
         explicit_zero_prob=explicit_zero_prob,
         use_fast_transformer=False,
@@ -388,3 +391,305 @@ def test_batch_options_need_n_batch():
     np.testing.assert_equal(
         SCGPTModule(10, pad_id=0, d_model=8, nhead=2, d_hid=8, nlayers=1, n_batch=4).n_batch, 0
     )
+
+
+# ---------------------------------------------------------------- the model class on CellBench
+SMALL = {"d_model": 32, "nhead": 4, "d_hid": 32, "nlayers": 2, "dropout": 0.0, "max_seq_len": 64}
+INTEGRATION = {"use_batch_labels": True, "domain_spec_batchnorm": True, "do_dab": True}
+
+
+def _cellbench_subset(cellbench_path, n_per_platform=60, n_genes=200, seed=0):
+    """Cells of both platforms (platform as batch) on the most often detected genes."""
+    full = ad.read_h5ad(cellbench_path)
+    rng = np.random.default_rng(seed)
+    cells = np.concatenate(
+        [
+            rng.choice(np.flatnonzero(full.obs["platform"] == p), n_per_platform, replace=False)
+            for p in ("CEL-seq2", "Drop-seq")
+        ]
+    )
+    detected = np.asarray((full.X > 0).sum(0)).ravel()
+    genes = np.sort(np.argsort(-detected, kind="stable")[:n_genes])
+    sub = full[cells][:, genes].copy()
+    sub.obs = sub.obs[["cell_line", "platform"]].copy()
+    return sub
+
+
+@pytest.fixture(scope="module")
+def integrated(cellbench_path):
+    adata = _cellbench_subset(cellbench_path)
+    SCGPT.setup_anndata(adata, batch_key="platform", labels_key="cell_line")
+    torch.manual_seed(0)
+    model = SCGPT(adata, **SMALL, **INTEGRATION, ecs_threshold=0.8, explicit_zero_prob=True)
+    model.train(max_epochs=3, batch_size=32, lr=1e-3)
+    return model
+
+
+def test_integration_training(integrated):
+    hist = integrated.history
+    for key in ("mlm_mse", "mvc_mse", "mlm_nll", "mvc_nll", "ecs", "dab_ce", "dab_accuracy"):
+        values = hist[f"{key}_train"].to_numpy(dtype=float)
+        assert values.size == 3 and np.isfinite(values).all(), key
+    assert np.isfinite(hist["train_loss"].to_numpy(dtype=float)).all()
+    assert integrated.batch_categories == ["CEL-seq2", "Drop-seq"]
+    # the statistics of both domains were estimated
+    for bn in integrated.module.dsbn.bns:
+        assert bn.num_batches_tracked > 0
+    assert "2 batch labels" in integrated._model_summary_string
+
+
+def test_embeddings_use_batch_labels_and_are_batch_size_invariant(integrated):
+    adata = integrated.adata
+    z = integrated.get_latent_representation()
+    assert z.shape == (adata.n_obs, 32) and np.isfinite(z).all()
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
+    for batch_size in (1, 7, 200):
+        np.testing.assert_allclose(
+            integrated.get_latent_representation(batch_size=batch_size), z, atol=1e-5
+        )
+    perm = np.random.default_rng(1).permutation(adata.n_obs)
+    np.testing.assert_allclose(
+        integrated.get_latent_representation(indices=perm, batch_size=13), z[perm], atol=1e-5
+    )
+    # the same cells labelled with the other platform embed differently (DSBN statistics)
+    swapped = adata.copy()
+    swapped.obs["platform"] = swapped.obs["platform"].map(
+        {"CEL-seq2": "Drop-seq", "Drop-seq": "CEL-seq2"}
+    )
+    z_swapped = integrated.get_latent_representation(swapped)
+    assert np.abs(z_swapped - z).max() > 1e-3
+    # categories are matched by name, not by code: a query with one platform only
+    drop = adata[adata.obs["platform"] == "Drop-seq"].copy()
+    np.testing.assert_allclose(
+        integrated.get_latent_representation(drop),
+        z[adata.obs["platform"] == "Drop-seq"],
+        atol=1e-5,
+    )
+
+
+def test_integration_save_load(integrated, tmp_path):
+    z = integrated.get_latent_representation()
+    integrated.save(tmp_path / "m")
+    loaded = SCGPT.load(tmp_path / "m", adata=integrated.adata)
+    assert loaded.batch_categories == integrated.batch_categories
+    np.testing.assert_array_equal(loaded.get_latent_representation(), z)
+    no_adata = SCGPT.load(tmp_path / "m")
+    np.testing.assert_array_equal(no_adata.get_latent_representation(integrated.adata.copy()), z)
+
+
+def test_batch_options_need_batch_key(cellbench_path):
+    adata = _cellbench_subset(cellbench_path, n_per_platform=5)
+    SCGPT.setup_anndata(adata)
+    for option in INTEGRATION:
+        with pytest.raises(ValueError, match="batch_key"):
+            SCGPT(adata, **SMALL, **{option: True})
+    with pytest.raises(ValueError, match="batch_categories applies"):
+        SCGPT(adata, **SMALL, batch_categories=["a"])
+
+
+def test_unknown_batches_and_missing_column(integrated):
+    adata = integrated.adata
+    other = adata.copy()
+    other.obs["platform"] = other.obs["platform"].astype(str).replace("Drop-seq", "10x")
+    with pytest.raises(ValueError, match=r"\['10x'\].*load_query_data"):
+        integrated.get_latent_representation(other)
+    # cells of known batches only are fine
+    known = other.obs["platform"] == "CEL-seq2"
+    assert integrated.get_latent_representation(other, indices=known.to_numpy()).shape[0] == 60
+    no_batch = adata.copy()
+    del no_batch.obs["platform"]
+    with pytest.raises(ValueError, match="no batch registered"):
+        integrated.get_latent_representation(no_batch)
+
+
+# ---------------------------------------------------------------- query mapping
+@pytest.fixture(scope="module")
+def reference_and_query(cellbench_path):
+    """A reference on CEL-seq2 cells split into two samples; a query with Drop-seq cells."""
+    adata = _cellbench_subset(cellbench_path)
+    cel = np.flatnonzero(adata.obs["platform"] == "CEL-seq2")
+    sample = np.where(adata.obs["platform"] == "Drop-seq", "drop", "cel_a").astype(object)
+    sample[cel[1::2]] = "cel_b"
+    adata.obs["sample"] = sample
+    reference_cells = adata[adata.obs["platform"] == "CEL-seq2"].copy()
+    # the query: all Drop-seq cells and a few cells of the known sample cel_b
+    query = adata[
+        (adata.obs["platform"] == "Drop-seq") | np.isin(np.arange(adata.n_obs), cel[1:20:2])
+    ].copy()
+    SCGPT.setup_anndata(reference_cells, batch_key="sample")
+    torch.manual_seed(0)
+    reference = SCGPT(reference_cells, **SMALL, **INTEGRATION, ecs_threshold=0.8)
+    reference.train(max_epochs=2, batch_size=32, lr=1e-3)
+    return reference, query
+
+
+def test_query_mapping_trains_only_new_batches(reference_and_query):
+    reference, query = reference_and_query
+    query = query.copy()
+    ref_state = {k: v.clone() for k, v in reference.module.state_dict().items()}
+    z_ref = reference.get_latent_representation()
+    model = SCGPT.load_query_data(query, reference)
+    assert model.batch_categories == ["cel_a", "cel_b", "drop"]
+    assert not model.is_trained_
+    assert "_scvi_uuid" in query.uns  # set up with the reference's setup arguments
+    trainable = [n for n, p in model.module.named_parameters() if p.requires_grad]
+    assert trainable == [
+        "batch_encoder.embedding.weight",
+        "grad_reverse_discriminator.out_layer.weight",
+        "grad_reverse_discriminator.out_layer.bias",
+    ]
+    start = {k: v.clone() for k, v in model.module.state_dict().items()}
+    with pytest.raises(ValueError, match="weight_decay=0"):
+        model.train(max_epochs=1, plan_kwargs={"weight_decay": 0.01})
+    with pytest.raises(ValueError, match="mode='pretrain'"):
+        model.train(max_epochs=1, mode="finetune")
+    model.train(max_epochs=3, batch_size=16, lr=1e-2)
+    after = model.module.state_dict()
+    grown = ("batch_encoder.embedding.weight", "grad_reverse_discriminator.out_layer.weight")
+    for key, value in ref_state.items():
+        if key in grown or key == "grad_reverse_discriminator.out_layer.bias":
+            assert torch.equal(after[key][:2], value), key
+            assert not torch.equal(after[key][2:], start[key][2:]), key
+        else:
+            assert torch.equal(after[key], value), key  # backbone and reference domains
+    assert after["dsbn.bns.2.num_batches_tracked"] > 0
+    assert not torch.equal(after["dsbn.bns.2.running_mean"], start["dsbn.bns.2.running_mean"])
+    # reference cells embed identically with both models (up to float rounding: CPU kernels
+    # may differ for parameters that do not require gradients)
+    np.testing.assert_allclose(model.get_latent_representation(reference.adata), z_ref, atol=1e-6)
+    zq = model.get_latent_representation()
+    assert zq.shape == (query.n_obs, 32) and np.isfinite(zq).all()
+    # the reference itself does not know the new batch
+    with pytest.raises(ValueError, match="load_query_data"):
+        reference.get_latent_representation(query)
+
+
+def test_query_mapping_from_a_saved_reference(reference_and_query, tmp_path):
+    reference, query = reference_and_query
+    reference.save(tmp_path / "ref")
+    query = query.copy()
+    SCGPT.setup_anndata(query, batch_key="sample")  # set up by the user
+    model = SCGPT.load_query_data(query, str(tmp_path / "ref"), unfrozen=True)
+    assert all(p.requires_grad for p in model.module.parameters())
+    assert model.module.batch_encoder.embedding.weight.shape[0] == 3
+    for key, value in reference.module.state_dict().items():
+        got = model.module.state_dict()[key]
+        assert (
+            torch.equal(got[: value.shape[0]], value)
+            if got.shape != value.shape
+            else torch.equal(got, value)
+        )
+    # only known batches: the query model equals the reference
+    known = query[query.obs["sample"] == "cel_b"].copy()
+    same = SCGPT.load_query_data(known, reference)
+    assert same.is_trained_ and same.batch_categories == ["cel_a", "cel_b"]
+    np.testing.assert_allclose(
+        same.get_latent_representation(), reference.get_latent_representation(known), atol=1e-6
+    )
+
+
+def test_query_mapping_errors(reference_and_query, integrated, tmp_path):
+    reference, query = reference_and_query
+    no_column = query.copy()
+    del no_column.obs["sample"]
+    with pytest.raises(KeyError, match="'sample'"):
+        SCGPT.load_query_data(no_column, reference)
+    plain_adata = query.copy()
+    SCGPT.setup_anndata(plain_adata)
+    torch.manual_seed(0)
+    plain = SCGPT(plain_adata, **SMALL)
+    with pytest.raises(ValueError, match="no batch parameters"):
+        SCGPT.load_query_data(query.copy(), plain)
+    with pytest.raises(TypeError, match="reference_model"):
+        SCGPT.load_query_data(query.copy(), object())
+
+
+# ---------------------------------------------------------------- official integration checkpoints
+def _distinct_counts(adata, seed=0):
+    """Distinct counts inside each cell, so that binning has no ties (no random tie-breaking)."""
+    rng = np.random.default_rng(seed)
+    X = adata.X.toarray()
+    for i in range(adata.n_obs):
+        nz = np.flatnonzero(X[i])
+        X[i] = 0
+        X[i, nz] = rng.permutation(len(nz)) + 1
+    out = adata.copy()
+    out.X = sp.csr_matrix(X)
+    return out
+
+
+class _WithBatchLabel:
+    """The official model with one batch label for every cell (official DSBN semantics).
+
+    scGPT 0.2.4's ``get_batch_cell_embeddings(use_batch_labels=True)`` fails because its
+    collator drops the labels; this wrapper passes them to ``_encode`` instead.
+    """
+
+    def __init__(self, model, label):
+        self.model, self.label = model, label
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def _encode(self, src, values, src_key_padding_mask, batch_labels=None):
+        labels = torch.full((src.shape[0],), self.label, dtype=torch.long)
+        return self.model._encode(src, values, src_key_padding_mask, batch_labels=labels)
+
+
+def test_from_pretrained_integration_checkpoint_matches_official(
+    official_scgpt, cellbench_path, tmp_path
+):
+    from scgpt.tasks.cell_emb import get_batch_cell_embeddings
+
+    adata = _distinct_counts(_cellbench_subset(cellbench_path, n_per_platform=15, n_genes=150))
+    args = official_args(d_model=32, nhead=4, d_hid=32, nlayers=2)
+    vocab = with_specials(list(adata.var_names[::2]))
+    official = _official(vocab, n_batch=2, args=args, seed=5)
+    genes_only = {g: i for g, i in vocab.items() if not g.startswith("<")}
+    folder = write_folder(
+        tmp_path / "integ", checkpoint_layout(official.state_dict(), "flash"), args, genes_only
+    )
+    SCGPT.setup_anndata(adata, batch_key="platform")
+    model = SCGPT.from_pretrained(folder, adata)
+    assert model.batch_categories == ["CEL-seq2", "Drop-seq"]
+    ours = model.get_latent_representation(batch_size=7)
+    matched = adata[:, adata.var_names.isin(vocab)].copy()
+    for code, platform in enumerate(model.batch_categories):
+        cells = (matched.obs["platform"] == platform).to_numpy()
+        part = matched[cells].copy()
+        expected = get_batch_cell_embeddings(
+            part,
+            cell_embedding_mode="cls",
+            model=_WithBatchLabel(official, code),
+            vocab=vocab,
+            max_length=1200,
+            batch_size=8,
+            model_configs={"pad_token": "<pad>", "pad_value": -2, "embsize": 32},
+            gene_ids=np.array([vocab[g] for g in part.var_names]),
+        )
+        assert np.abs(ours[cells] - expected).max() <= 1e-5
+    # the checkpoint's rows must be named when the AnnData registers another number of batches
+    one = adata[adata.obs["platform"] == "CEL-seq2"].copy()
+    SCGPT.setup_anndata(one, batch_key="platform")
+    with pytest.raises(ValueError, match="batch_categories"):
+        SCGPT.from_pretrained(folder, one)
+    named = SCGPT.from_pretrained(folder, one, batch_categories=["CEL-seq2", "Drop-seq"])
+    np.testing.assert_allclose(named.get_latent_representation(), ours[: one.n_obs], atol=1e-5)
+
+
+def test_from_pretrained_starts_integration_finetuning(official_scgpt, cellbench_path, tmp_path):
+    from official_scgpt import official_folder
+
+    adata = _cellbench_subset(cellbench_path, n_per_platform=10, n_genes=100)
+    folder, official, _ = official_folder(tmp_path / "plain", list(adata.var_names))
+    SCGPT.setup_anndata(adata, batch_key="platform")
+    model = SCGPT.from_pretrained(folder, adata, **INTEGRATION, max_seq_len=64)
+    sd = model.module.state_dict()
+    for key, value in official.state_dict().items():
+        key = key.replace("self_attn.Wqkv.", "self_attn.in_proj_")
+        if key.startswith(("cls_decoder.", "decoder.fc.0.weight", "mvc_decoder.W.")):
+            continue
+        assert torch.equal(sd[key], value), key
+    assert sd["decoder.fc.0.weight"].shape == (32, 64)
+    model.train(max_epochs=1, batch_size=10)
+    assert np.isfinite(model.history["dab_ce_train"].to_numpy(dtype=float)).all()

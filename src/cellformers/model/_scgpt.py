@@ -7,34 +7,31 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
+from uuid import uuid4
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from anndata import AnnData
+from scvi import REGISTRY_KEYS
 from scvi.utils import setup_anndata_dsp
 
 from ..genes import GeneVocab, match_genes
 from ..module import SCGPTModule
 from ..pretrained import load_scgpt_state_dict, read_scgpt_checkpoint
 from ..tokenize import scgpt_sequence_lengths, tokenize_scgpt
-from ._base import FoundationModelBase
+from ._base import _SCVI_UUID_KEY, FoundationModelBase, _resolve_indices
 
 logger = logging.getLogger(__name__)
 
-# constructor arguments that are also SCGPTModule arguments
-_MODULE_ARGS = (
-    "d_model",
-    "nhead",
-    "d_hid",
-    "nlayers",
-    "dropout",
-    "pad_value",
-    "mask_value",
-    "mask_ratio",
-    "do_mvc",
-    "n_layers_cls",
+#: SCGPTModule options that read batch labels.
+_BATCH_OPTIONS = ("use_batch_labels", "domain_spec_batchnorm", "do_dab")
+#: Parameters that grow by one row per new batch label in query mapping.
+_BATCH_ROWS = (
+    "batch_encoder.embedding.weight",
+    "grad_reverse_discriminator.out_layer.weight",
+    "grad_reverse_discriminator.out_layer.bias",
 )
 
 
@@ -45,12 +42,21 @@ class _ScGPTTokenizer:
     ``lengths`` gives token counts for length bucketing; calling it returns the arrays the
     module reads. With ``random_truncation`` (training), cells longer than ``max_seq_len`` get a
     fresh random gene subset on every call, drawn from a generator seeded by torch's RNG so that
-    runs are reproducible under a fixed seed.
+    runs are reproducible under a fixed seed. With ``batch_codes`` (models that read batch
+    labels) the AnnData's registered batch codes are requested through ``registry_keys`` and
+    returned under the same key, translated to the model's batch labels (``-1``: unknown to
+    the model, an error).
     """
 
     gene_ids: np.ndarray
     options: dict
     random_truncation: bool = False
+    batch_codes: np.ndarray | None = None
+    batch_names: tuple[str, ...] = ()
+
+    @property
+    def registry_keys(self) -> tuple[str, ...]:
+        return () if self.batch_codes is None else (REGISTRY_KEYS.BATCH_KEY,)
 
     def lengths(self, X: sp.csr_matrix) -> np.ndarray:
         return scgpt_sequence_lengths(
@@ -60,13 +66,24 @@ class _ScGPTTokenizer:
             include_zero_gene=self.options["include_zero_gene"],
         )
 
-    def __call__(self, X: sp.csr_matrix) -> dict[str, np.ndarray]:
+    def __call__(self, X: sp.csr_matrix, **fields) -> dict[str, np.ndarray]:
         options = dict(self.options)
         if self.random_truncation:
             seed = int(torch.randint(0, 2**62, ()).item())
             options.update(truncation="random", rng=np.random.default_rng(seed))
         tokens = tokenize_scgpt(X, self.gene_ids, **options)
-        return {"genes": tokens.genes, "values": tokens.values}
+        out = {"genes": tokens.genes, "values": tokens.values}
+        if self.batch_codes is not None:
+            raw = np.asarray(fields[REGISTRY_KEYS.BATCH_KEY]).reshape(-1).astype(np.int64)
+            codes = self.batch_codes[raw]
+            if (codes < 0).any():
+                unknown = sorted({self.batch_names[i] for i in raw[codes < 0]})
+                raise ValueError(
+                    f"Batch categories {unknown} are unknown to the model; map the query with "
+                    "SCGPT.load_query_data(adata, model) first."
+                )
+            out[REGISTRY_KEYS.BATCH_KEY] = codes
+        return out
 
 
 class SCGPT(FoundationModelBase):
@@ -124,6 +141,32 @@ class SCGPT(FoundationModelBase):
         labels when needed.
     n_layers_cls
         Linear layers of the classification head (official ``nlayers_cls``).
+    use_batch_labels
+        scGPT's integration recipe: embed each cell's batch label (``batch_encoder``) and
+        condition the expression and MVC decoders on it. Needs ``batch_key`` in
+        :meth:`setup_anndata`.
+    domain_spec_batchnorm
+        Normalise the input embeddings with batch norm statistics of each cell's batch label
+        (DSBN, ``dsbn``) before the transformer; the cell embeddings then depend on the batch
+        labels. Needs ``batch_key``.
+    do_dab
+        Train an adversarial batch discriminator on the cell embedding behind a gradient
+        reversal (DAB), which pushes batch information out of the embedding. Needs
+        ``batch_key``.
+    ecs_threshold
+        Add the elastic cell similarity loss with this threshold (the recipe uses 0.8);
+        `None` leaves it out.
+    ecs_weight
+        Weight of the ECS loss (official 10).
+    dab_weight
+        Weight of the discriminator's cross-entropy (official 1).
+    explicit_zero_prob
+        Zero-probability heads on both decoders, trained with the Bernoulli likelihood of the
+        non-zero pattern (the recipe uses them).
+    batch_categories
+        Batch categories in the order of the network's batch labels. By default the
+        categories registered with ``batch_key``; any AnnData's cells are mapped to these by
+        name, so a query must use the same names (new names need :meth:`load_query_data`).
 
     Examples
     --------
@@ -132,6 +175,17 @@ class SCGPT(FoundationModelBase):
     >>> cf.model.SCGPT.setup_anndata(adata, layer="counts", labels_key="bulk_labels")
     >>> model = cf.model.SCGPT(adata, d_model=64, nhead=4, d_hid=64, nlayers=2)
     >>> model.train(max_epochs=5)
+    >>> adata.obsm["X_scgpt"] = model.get_latent_representation()
+
+    Batch integration as in scGPT's integration recipe (on pretrained weights, the batch parts
+    start fresh):
+
+    >>> cf.model.SCGPT.setup_anndata(adata, layer="counts", batch_key="batch")
+    >>> model = cf.model.SCGPT.from_pretrained(
+    ...     "scGPT_human", adata, use_batch_labels=True, domain_spec_batchnorm=True,
+    ...     do_dab=True, ecs_threshold=0.8, include_zero_gene=True
+    ... )
+    >>> model.train(max_epochs=15)
     >>> adata.obsm["X_scgpt"] = model.get_latent_representation()
 
     """
@@ -159,6 +213,14 @@ class SCGPT(FoundationModelBase):
         min_coverage: float = 0.5,
         n_labels: int = 0,
         n_layers_cls: int = 3,
+        use_batch_labels: bool = False,
+        domain_spec_batchnorm: bool = False,
+        do_dab: bool = False,
+        ecs_threshold: float | None = None,
+        ecs_weight: float = 10.0,
+        dab_weight: float = 1.0,
+        explicit_zero_prob: bool = False,
+        batch_categories: Sequence[str] | None = None,
     ):
         super().__init__(adata, registry)
         if d_model % nhead:
@@ -192,28 +254,71 @@ class SCGPT(FoundationModelBase):
             "include_zero_gene": include_zero_gene,
         }
         self.min_coverage = min_coverage
+        uses_batches = use_batch_labels or domain_spec_batchnorm or do_dab
+        batch_categories = self._resolve_batch_categories(uses_batches, batch_categories)
+        self.batch_categories = batch_categories
+        self._module_options = {
+            "d_model": d_model,
+            "nhead": nhead,
+            "d_hid": d_hid,
+            "nlayers": nlayers,
+            "dropout": dropout,
+            "pad_value": pad_value,
+            "mask_value": mask_value,
+            "mask_ratio": mask_ratio,
+            "do_mvc": do_mvc,
+            "n_layers_cls": n_layers_cls,
+            "n_batch": len(batch_categories or ()),
+            "use_batch_labels": use_batch_labels,
+            "domain_spec_batchnorm": domain_spec_batchnorm,
+            "do_dab": do_dab,
+            "ecs_threshold": ecs_threshold,
+            "ecs_weight": ecs_weight,
+            "dab_weight": dab_weight,
+            "explicit_zero_prob": explicit_zero_prob,
+        }
         self.module = self._module_cls(
-            len(gene_vocab),
-            pad_id=gene_vocab.pad_id,
-            d_model=d_model,
-            nhead=nhead,
-            d_hid=d_hid,
-            nlayers=nlayers,
-            dropout=dropout,
-            pad_value=pad_value,
-            mask_value=mask_value,
-            mask_ratio=mask_ratio,
-            do_mvc=do_mvc,
-            n_labels=n_labels,
-            n_layers_cls=n_layers_cls,
+            len(gene_vocab), pad_id=gene_vocab.pad_id, n_labels=n_labels, **self._module_options
         )
+        self._query_hooks: list = []  # gradient masks of a query model (load_query_data)
         if adata is not None:
             self._gene_token_ids(adata)  # coverage check before any work starts
         self._model_summary_string = (
             f"SCGPT with d_model={d_model}, nhead={nhead}, nlayers={nlayers}, "
             f"vocabulary of {len(gene_vocab)} tokens, n_bins={n_bins}, max_seq_len={max_seq_len}"
         )
+        if uses_batches:
+            parts = [k for k in _BATCH_OPTIONS if self._module_options[k]]
+            self._model_summary_string += (
+                f", {len(batch_categories)} batch labels ({', '.join(parts)})"
+            )
         self.init_params_ = self._get_init_params(locals())
+
+    def _resolve_batch_categories(
+        self, uses_batches: bool, batch_categories: Sequence[str] | None
+    ) -> list[str] | None:
+        """Return the network's batch labels: ``batch_categories`` or the registered ones."""
+        if not uses_batches:
+            if batch_categories is not None:
+                raise ValueError(
+                    "batch_categories applies to models with use_batch_labels, "
+                    "domain_spec_batchnorm or do_dab."
+                )
+            return None
+        if self.registry_["setup_args"].get("batch_key") is None:
+            raise ValueError(
+                "use_batch_labels, domain_spec_batchnorm and do_dab read each cell's batch: "
+                "register it with `SCGPT.setup_anndata(adata, batch_key=...)` and build the "
+                "model again."
+            )
+        if batch_categories is None:
+            batch_categories = self.registry_["field_registries"][REGISTRY_KEYS.BATCH_KEY][
+                "state_registry"
+            ]["categorical_mapping"]
+        names = [str(c) for c in batch_categories]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"batch_categories must be unique and not empty, got {names}.")
+        return names
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -279,6 +384,16 @@ class SCGPT(FoundationModelBase):
         ``torch.load(weights_only=True)`` and loaded strictly: a missing or unexpected key is an
         error, never a silently random layer.
 
+        A checkpoint saved by scGPT's integration recipe (``batch_encoder``, ``dsbn``,
+        ``grad_reverse_discriminator``, zero-probability heads) builds a model with the same
+        options; its batch rows are named by ``batch_categories`` or, when the AnnData
+        registers as many batch categories as the checkpoint has rows, by the registered ones
+        in their (sorted) order, which is the order the recipe's category codes follow.
+        Passing ``use_batch_labels``, ``domain_spec_batchnorm``, ``do_dab`` or
+        ``explicit_zero_prob`` for a checkpoint without these parts starts integration
+        fine-tuning as the recipe does: the backbone loads strictly, the new parts (and the
+        decoders' first layers, whose input grows to ``2 * d_model``) start fresh.
+
         Parameters
         ----------
         path
@@ -291,20 +406,49 @@ class SCGPT(FoundationModelBase):
         min_coverage
             Minimum fraction of the AnnData's genes found in the checkpoint vocabulary.
         **kwargs
-            Other constructor arguments (e.g. ``include_zero_gene``).
+            Other constructor arguments (e.g. ``include_zero_gene``, ``use_batch_labels``,
+            ``batch_categories``).
 
         """
         ckpt = read_scgpt_checkpoint(path)
         config = {k: v for k, v in ckpt.config.items() if k != "pad_token"}  # the vocab has it
+        n_batch = config.pop("n_batch", 0)
         if max_seq_len is not None:
             config["max_seq_len"] = max_seq_len
         config.update(kwargs)
+        if n_batch and config.get("batch_categories") is None:
+            registered = cls._registered_batches(adata)
+            if registered is None or len(registered) != n_batch:
+                found = "none" if registered is None else f"{len(registered)}: {registered}"
+                raise ValueError(
+                    f"The checkpoint was fine-tuned with {n_batch} batch labels, but the AnnData "
+                    f"registers {found}. Pass `batch_categories=[...]` naming the checkpoint's "
+                    "batch labels in order (and register the batch column with "
+                    "`SCGPT.setup_anndata(adata, batch_key=...)`)."
+                )
+            logger.info(
+                "The checkpoint's %d batch labels are taken to be the registered categories %s.",
+                n_batch,
+                registered,
+            )
         model = cls(adata, vocab=ckpt.vocab, min_coverage=min_coverage, **config)
-        load_scgpt_state_dict(model.module, ckpt.state_dict)
+        fresh_parts = [
+            k for k in (*_BATCH_OPTIONS, "explicit_zero_prob") if config[k] and not ckpt.config[k]
+        ]
+        load_scgpt_state_dict(model.module, ckpt.state_dict, init_batch_modules=bool(fresh_parts))
         model.module.eval()
         model.is_trained_ = True
         model.checkpoint_ = {"format": "scgpt", "path": os.fspath(path)}
         return model
+
+    @classmethod
+    def _registered_batches(cls, adata: AnnData) -> list[str] | None:
+        """Batch categories registered for ``adata`` (``None`` without ``batch_key``)."""
+        manager = cls._get_most_recent_anndata_manager(adata, required=True)
+        if manager.registry["setup_args"].get("batch_key") is None:
+            return None
+        mapping = manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping
+        return [str(c) for c in mapping]
 
     # ------------------------------------------------------------------ tokens
     def _gene_token_ids(self, adata: AnnData) -> np.ndarray:
@@ -314,7 +458,71 @@ class SCGPT(FoundationModelBase):
         ).token_ids
 
     def _tokenizer(self, adata: AnnData, *, random_truncation: bool = False) -> _ScGPTTokenizer:
-        return _ScGPTTokenizer(self._gene_token_ids(adata), self._token_kwargs, random_truncation)
+        codes, names = self._batch_codes(adata)
+        return _ScGPTTokenizer(
+            self._gene_token_ids(adata), self._token_kwargs, random_truncation, codes, names
+        )
+
+    # ------------------------------------------------------------------ batches
+    def _batch_codes(self, adata: AnnData) -> tuple[np.ndarray | None, tuple[str, ...]]:
+        """Map ``adata``'s registered batch codes to the model's batch labels.
+
+        Returns the translation array (``-1`` for categories the model does not know) and the
+        AnnData's category names, or ``(None, ())`` for a model without batch labels.
+        """
+        if self.batch_categories is None:
+            return None, ()
+        manager = self.get_anndata_manager(adata, required=True)
+        if manager.registry["setup_args"].get("batch_key") is None:
+            key = self.registry_["setup_args"].get("batch_key")
+            raise ValueError(
+                "This model reads each cell's batch (use_batch_labels, domain_spec_batchnorm or "
+                f"do_dab), but the AnnData has no batch registered: add the column {key!r} to "
+                "adata.obs or set it up with `SCGPT.setup_anndata(adata, batch_key=...)`."
+            )
+        names = tuple(
+            str(c) for c in manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping
+        )
+        index = {c: i for i, c in enumerate(self.batch_categories)}
+        return np.array([index.get(c, -1) for c in names], dtype=np.int64), names
+
+    def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True) -> AnnData:
+        """Validate ``adata``; a query with batch categories the registry lacks is set up anew.
+
+        scvi-tools' transfer of the model's setup refuses new categories with an error about
+        ``extend_categories``; setting such a query up with its own registration lets
+        :meth:`_check_cells` name the unknown batches instead (and :meth:`load_query_data`
+        map them).
+        """
+        if adata is not None and self.batch_categories is not None and not adata.is_view:
+            uuid = adata.uns.get(_SCVI_UUID_KEY)
+            own = type(self)._setup_adata_manager_store.get(uuid)
+            key = self.registry_["setup_args"].get("batch_key")
+            if (own is None or own.adata is not adata) and key in adata.obs:
+                registered = self.registry_["field_registries"][REGISTRY_KEYS.BATCH_KEY]
+                known = {str(c) for c in registered["state_registry"]["categorical_mapping"]}
+                if not {str(c) for c in adata.obs[key].unique()} <= known:
+                    adata.uns[_SCVI_UUID_KEY] = str(uuid4())
+                    setup = getattr(type(self), self.registry_["setup_method_name"])
+                    setup(adata, **self._query_setup_args(adata))
+        return super()._validate_anndata(adata, copy_if_view)
+
+    def _check_cells(self, adata: AnnData, indices: np.ndarray) -> None:
+        """Reject cells whose batch category the model does not know."""
+        codes, names = self._batch_codes(adata)
+        if codes is None:
+            return
+        raw = self.get_from_registry(adata, REGISTRY_KEYS.BATCH_KEY)
+        raw = np.asarray(raw).reshape(-1)[indices].astype(np.int64)
+        bad = codes[raw] < 0
+        if bad.any():
+            unknown = sorted({names[i] for i in raw[bad]})
+            raise ValueError(
+                f"{int(bad.sum())} cells belong to batch categories {unknown} that the model "
+                f"does not know (it knows {self.batch_categories}). Map them as a query with "
+                "`SCGPT.load_query_data(adata, model)`, which adds and trains their batch "
+                "parameters."
+            )
 
     # ------------------------------------------------------------------ training
     def train(
@@ -331,7 +539,7 @@ class SCGPT(FoundationModelBase):
         datasplitter_kwargs: dict | None = None,
         **kwargs,
     ):
-        """Masked value pretraining (and MVC), or cell-type annotation fine-tuning.
+        """Masked value pretraining (and MVC) with the integration terms, or annotation fine-tuning.
 
         Each cell is tokenized on the fly (a new random gene subset each epoch for cells longer
         than ``max_seq_len``). ``mode="pretrain"`` masks ``mask_ratio`` of each cell's gene
@@ -342,6 +550,16 @@ class SCGPT(FoundationModelBase):
         objective only); a model without a head gets a fresh one first. Training runs through
         Lightning, so ``accelerator``, ``devices``, ``strategy`` and ``precision`` work as in
         any scvi-tools model.
+
+        A model built with the integration options trains them with ``mode="pretrain"`` (on
+        pretrained weights, this is scGPT's integration fine-tuning): the masked value losses
+        with decoders conditioned on the batch embedding, DSBN, ECS and the adversarial batch
+        discriminator, each minibatch's cells using their own batch labels (scGPT's recipe
+        draws one batch label per minibatch because its DSBN normalises a minibatch with its
+        first cell's label; here each cell is normalised with its own label's statistics, so
+        mixed minibatches are fine). A query model from :meth:`load_query_data` trains only
+        the parameters of its new batch labels, with AdamW's weight decay off so that the
+        reference rows stay bit-identical.
 
         Parameters
         ----------
@@ -374,16 +592,42 @@ class SCGPT(FoundationModelBase):
 
         """
         plan_kwargs = {"lr": lr, "warmup_ratio": warmup_ratio, **(plan_kwargs or {})}
-        return self._run_training(
-            mode=mode,
-            freeze_layers=freeze_layers,
-            class_weight=class_weight,
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            plan_kwargs=plan_kwargs,
-            datasplitter_kwargs=datasplitter_kwargs,
-            **kwargs,
-        )
+        if self._query_hooks:
+            if mode != "pretrain":
+                raise ValueError(
+                    "A query model from load_query_data trains only its new batch parameters "
+                    "(mode='pretrain')."
+                )
+            if plan_kwargs.setdefault("weight_decay", 0.0) != 0.0:
+                raise ValueError(
+                    "A query model trains with weight_decay=0: AdamW's decay would also move "
+                    "the frozen reference rows of the batch parameters."
+                )
+            if not any(p.requires_grad for p in self.module.parameters()):
+                raise ValueError(
+                    "This query model has no trainable parameters: the reference has neither "
+                    "a batch encoder (use_batch_labels) nor a batch discriminator (do_dab). Use "
+                    "load_query_data(..., unfrozen=True) to fine-tune the whole network."
+                )
+        # scvi-tools records no history for a model that counts as trained but has none (loaded
+        # pretrained weights); let the first training run start the history
+        pretrained = self.is_trained_ and self.history_ is None
+        if pretrained:
+            self.is_trained_ = False
+        try:
+            return self._run_training(
+                mode=mode,
+                freeze_layers=freeze_layers,
+                class_weight=class_weight,
+                max_epochs=max_epochs,
+                batch_size=batch_size,
+                plan_kwargs=plan_kwargs,
+                datasplitter_kwargs=datasplitter_kwargs,
+                **kwargs,
+            )
+        finally:
+            if pretrained:
+                self.is_trained_ = True
 
     def _training_tokenizer(self) -> _ScGPTTokenizer:
         return self._tokenizer(self.adata, random_truncation=True)
@@ -395,19 +639,17 @@ class SCGPT(FoundationModelBase):
         return [self.module.cls_decoder]
 
     def _class_logits(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.module.classify(tensors["genes"], tensors["values"])
+        return self.module.classify(
+            tensors["genes"], tensors["values"], batch_labels=tensors.get(REGISTRY_KEYS.BATCH_KEY)
+        )
 
     def _prepare_classifier(self, n_classes: int) -> None:
         if self.module.n_labels == 0:
-            kwargs = {
-                **self.init_params_.get("non_kwargs", {}),
-                **self.init_params_.get("kwargs", {}),
-            }
             module = self._module_cls(
                 len(self.vocab),
                 pad_id=self.vocab.pad_id,
-                **{k: kwargs[k] for k in _MODULE_ARGS if k in kwargs},
                 n_labels=n_classes,
+                **self._module_options,
             )
             load_scgpt_state_dict(module, self.module.state_dict(), init_missing_head=True)
             self._replace_module(module, n_labels=n_classes)
@@ -428,13 +670,16 @@ class SCGPT(FoundationModelBase):
         hidden state, L2-normalised, as ``scgpt.tasks.embed_data`` returns it);
         ``pooling="mean"`` averages the gene tokens' hidden states (``<cls>`` and padding
         excluded) and normalises. Cells are batched by token length, and each cell's embedding
-        depends only on that cell, whatever the batch size or cell order.
+        depends only on that cell, whatever the batch size or cell order. A model with
+        domain-specific batch norm embeds each cell with its own batch label's statistics (the
+        AnnData's batch categories are matched to the model's by name).
 
         Parameters
         ----------
         adata
             AnnData to embed; any gene set works (genes are matched to the vocabulary). Defaults
-            to the AnnData the model was built with.
+            to the AnnData the model was built with. A model that reads batch labels needs the
+            batch column, with categories the model knows.
         indices
             Cells to embed (positions or boolean mask); all by default.
         batch_size
@@ -449,16 +694,153 @@ class SCGPT(FoundationModelBase):
         """
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}.")
+        if self.batch_categories is not None:
+            self._check_if_trained(warn=False)
+            adata = self._validate_anndata(adata)
+            self._check_cells(adata, _resolve_indices(indices, adata.n_obs))
 
         def embed(tokens: dict[str, torch.Tensor]) -> torch.Tensor:
             genes, values = tokens["genes"], tokens["values"]
+            batch_labels = tokens.get(REGISTRY_KEYS.BATCH_KEY)
             if pooling == "cls":
-                emb = self.module.cell_embedding(genes, values)
+                emb = self.module.cell_embedding(genes, values, batch_labels=batch_labels)
             else:
-                hidden = self.module.encode(genes, values)
+                hidden = self.module.encode(genes, values, batch_labels=batch_labels)
                 keep = (genes != self.vocab.pad_id).unsqueeze(-1).to(hidden.dtype)
                 keep[:, 0] = 0  # <cls>
                 emb = (hidden * keep).sum(1) / keep.sum(1).clamp_min(1.0)
             return F.normalize(emb, dim=-1)
 
         return self._map_cells(adata, indices, batch_size, embed)
+
+    # ------------------------------------------------------------------ query mapping
+    @classmethod
+    def load_query_data(
+        cls,
+        adata: AnnData,
+        reference_model: SCGPT | str | os.PathLike,
+        *,
+        unfrozen: bool = False,
+    ) -> SCGPT:
+        """Map query cells with new batches onto a reference model (scArches-style).
+
+        As :meth:`scvi.model.base.ArchesMixin.load_query_data`: the query's batch categories
+        that the reference does not know get new batch parameters (new rows of
+        ``batch_encoder.embedding.weight``, new ``dsbn`` domains, new outputs of the
+        discriminator's ``out_layer``), everything else is copied from the reference and
+        frozen, and :meth:`train` on the returned model then trains only the new batch
+        parameters: every other parameter has ``requires_grad=False``, gradient hooks zero the
+        reference rows of the three shared tensors (and training runs without weight decay),
+        and the reference domains of ``dsbn`` keep their running statistics. Reference cells
+        therefore embed identically with the reference and the query model. The freezing
+        lasts for this model object; a saved and reloaded query model trains fully.
+
+        Parameters
+        ----------
+        adata
+            Query AnnData with the reference's batch column (any genes). It is set up with the
+            reference's setup arguments unless it was set up already.
+        reference_model
+            A trained :class:`SCGPT` that reads batch labels (``use_batch_labels``,
+            ``domain_spec_batchnorm`` or ``do_dab``), or the folder it was saved in.
+        unfrozen
+            Train every parameter on the query instead (the new batch parameters still start
+            fresh).
+
+        Returns
+        -------
+        The query model, on the reference's device. It is untrained while the query has new
+        batch categories (their statistics and embeddings are fresh).
+
+        """
+        if isinstance(reference_model, (str, os.PathLike)):
+            reference = cls.load(os.fspath(reference_model))
+        elif isinstance(reference_model, cls):
+            reference = reference_model
+        else:
+            raise TypeError(
+                f"reference_model must be a {cls.__name__} or a folder it was saved in, got "
+                f"{type(reference_model).__name__}."
+            )
+        if reference.batch_categories is None:
+            raise ValueError(
+                "The reference model has no batch parameters (use_batch_labels, "
+                "domain_spec_batchnorm or do_dab); embed the query with "
+                "`reference.get_latent_representation(adata)` instead."
+            )
+        if not isinstance(adata, AnnData):
+            raise TypeError(f"Expected an AnnData object, got {type(adata).__name__}.")
+        cls._setup_query(adata, reference)
+        ref_names = list(reference.batch_categories)
+        query_names = cls._registered_batches(adata) or []
+        new = [c for c in query_names if c not in ref_names]
+        params = {
+            **reference.init_params_.get("non_kwargs", {}),
+            **reference.init_params_.get("kwargs", {}),
+            "batch_categories": ref_names + new,
+        }
+        model = cls(adata, **params)
+        model.module.load_state_dict(
+            cls._grow_batch_rows(reference.module.state_dict(), model.module.state_dict())
+        )
+        model.module.to(reference.device)
+        model.module.eval()
+        if not unfrozen:
+            model._query_hooks = model.module.train_only_new_batches(len(ref_names))
+        model.is_trained_ = not new
+        model.finetuned_ = reference.finetuned_
+        model._model_summary_string += (
+            f"; query model: {len(ref_names)} reference and {len(new)} new batch labels"
+        )
+        if not new:
+            logger.info("The query has no new batch categories: the model equals the reference.")
+        if reference.module.n_labels and reference._has_labels():
+            ref_labels = [str(x) for x in reference._label_names()]
+            if not model._has_labels() or [str(x) for x in model._label_names()] != ref_labels:
+                logger.warning(
+                    "The classification head is copied from the reference, whose classes are %s; "
+                    "predict_celltype on the query model names them by the query's labels.",
+                    ref_labels,
+                )
+        return model
+
+    @classmethod
+    def _setup_query(cls, adata: AnnData, reference: SCGPT) -> None:
+        """Set ``adata`` up with the reference's setup arguments unless the user did."""
+        uuid = adata.uns.get(_SCVI_UUID_KEY)
+        own = cls._setup_adata_manager_store.get(uuid) if uuid is not None else None
+        if own is not None and own.adata is adata:
+            if own.registry["setup_args"].get("batch_key") is None:
+                raise ValueError(
+                    "The query AnnData was set up without a batch_key; query mapping needs the "
+                    "cells' batches."
+                )
+            return
+        args = dict(reference.registry_["setup_args"])
+        if args["batch_key"] not in adata.obs:
+            raise KeyError(
+                f"The query needs the reference's batch column {args['batch_key']!r} in adata.obs."
+            )
+        if args.get("labels_key") is not None and args["labels_key"] not in adata.obs:
+            args["labels_key"] = None
+        if uuid is not None:
+            adata.uns[_SCVI_UUID_KEY] = str(uuid4())  # registration copied from another AnnData
+        getattr(cls, reference.registry_["setup_method_name"])(adata, **args)
+
+    @staticmethod
+    def _grow_batch_rows(
+        reference: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Return the reference weights with the fresh rows of new batch labels appended."""
+        merged = dict(fresh)
+        for key, value in reference.items():
+            target = fresh[key]
+            if value.shape != target.shape:
+                if key not in _BATCH_ROWS or value.shape[1:] != target.shape[1:]:
+                    raise RuntimeError(
+                        f"Unexpected shape change of {key}: {tuple(value.shape)} -> "
+                        f"{tuple(target.shape)}."
+                    )
+                value = torch.cat([value.to(target.device), target[value.shape[0] :]])
+            merged[key] = value.to(target.device)
+        return merged
