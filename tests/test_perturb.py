@@ -8,10 +8,11 @@ import scipy.sparse as sp
 import scvi
 
 import cellformers as cf
-from cellformers.model import SCBERT, SCFoundation
+from cellformers.model import SCBERT, SCGPT, SCFoundation
 from cellformers.tokenize import perturb_counts
 
 SCBERT_TINY = {"dim": 16, "depth": 2, "heads": 2, "dim_head": 8}
+SCGPT_TINY = {"d_model": 32, "nhead": 4, "d_hid": 32, "nlayers": 2, "dropout": 0.0}
 SCF_TINY = {
     "encoder_dim": 32,
     "encoder_depth": 2,
@@ -64,7 +65,9 @@ def _trained(cls, cells, **kwargs):
     return model, adata
 
 
-@pytest.mark.parametrize("cls, kwargs", [(SCBERT, SCBERT_TINY), (SCFoundation, SCF_TINY)])
+@pytest.mark.parametrize(
+    "cls, kwargs", [(SCBERT, SCBERT_TINY), (SCFoundation, SCF_TINY), (SCGPT, SCGPT_TINY)]
+)
 def test_perturb_is_the_embedding_of_the_edited_cell(cells, cls, kwargs):
     model, adata = _trained(cls, cells, **kwargs)
     X = adata.X.toarray()

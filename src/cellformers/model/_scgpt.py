@@ -699,19 +699,25 @@ class SCGPT(FoundationModelBase):
             adata = self._validate_anndata(adata)
             self._check_cells(adata, _resolve_indices(indices, adata.n_obs))
 
-        def embed(tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-            genes, values = tokens["genes"], tokens["values"]
-            batch_labels = tokens.get(REGISTRY_KEYS.BATCH_KEY)
-            if pooling == "cls":
-                emb = self.module.cell_embedding(genes, values, batch_labels=batch_labels)
-            else:
-                hidden = self.module.encode(genes, values, batch_labels=batch_labels)
-                keep = (genes != self.vocab.pad_id).unsqueeze(-1).to(hidden.dtype)
-                keep[:, 0] = 0  # <cls>
-                emb = (hidden * keep).sum(1) / keep.sum(1).clamp_min(1.0)
-            return F.normalize(emb, dim=-1)
+        return self._map_cells(
+            adata, indices, batch_size, lambda t: self._embed(t, pooling=pooling)
+        )
 
-        return self._map_cells(adata, indices, batch_size, embed)
+    def _embed(self, tokens: dict[str, torch.Tensor], pooling: str = "cls") -> torch.Tensor:
+        """Unit-norm cell embeddings of a token batch (``<cls>`` or mean of the gene tokens)."""
+        genes, values = tokens["genes"], tokens["values"]
+        batch_labels = tokens.get(REGISTRY_KEYS.BATCH_KEY)
+        if pooling == "cls":
+            emb = self.module.cell_embedding(genes, values, batch_labels=batch_labels)
+        else:
+            hidden = self.module.encode(genes, values, batch_labels=batch_labels)
+            keep = (genes != self.vocab.pad_id).unsqueeze(-1).to(hidden.dtype)
+            keep[:, 0] = 0  # <cls>
+            emb = (hidden * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+        return F.normalize(emb, dim=-1)
+
+    def _perturbation_embedding(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._embed(tensors)
 
     # ------------------------------------------------------------------ query mapping
     @classmethod
