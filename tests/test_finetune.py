@@ -180,3 +180,63 @@ def test_scgpt_finetune_adds_official_head_and_round_trips(cells, tmp_path):
     model.save(tmp_path / "m", overwrite=True)
     loaded = cf.model.SCGPT.load(tmp_path / "m", adata=adata)
     np.testing.assert_allclose(loaded.predict_celltype(soft=True).to_numpy(), probs.to_numpy())
+
+
+# ---------------------------------------------------------------- adversarial batch removal
+@pytest.mark.parametrize("mode", ["pretrain", "finetune"])
+def test_batch_adversarial_training(cells, mode):
+    adata = cells.copy()
+    SCBERT.setup_anndata(adata, labels_key="cell_line", batch_key="batch")
+    scvi.settings.seed = 0
+    model = SCBERT(adata, n_labels=3 if mode == "finetune" else 0, **TINY)
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    model.train(
+        max_epochs=2, batch_size=16, mode=mode, batch_adversarial=1.0, enable_progress_bar=False
+    )
+    assert "batch_adversary_ce_train" in model.history
+    ce = model.history["batch_adversary_ce_train"].to_numpy(dtype=float).ravel()
+    assert np.isfinite(ce).all()
+    # the model keeps its own module and state-dict layout; the encoder trained
+    assert type(model.module) is SCBERTModule
+    after = model.module.state_dict()
+    assert set(after) == set(before)
+    assert not torch.equal(before["token_emb.weight"], after["token_emb.weight"])
+    z = model.get_latent_representation()
+    assert np.isfinite(z).all()
+    # no batch labels registered: a clear error
+    plain = cells_setup(cells)
+    with pytest.raises(ValueError, match="batch_key"):
+        SCBERT(plain, **TINY).train(max_epochs=1, batch_adversarial=1.0)
+
+
+def test_batch_adversary_reverses_the_encoder_gradient():
+    from cellformers.module import BatchAdversarialModule
+
+    backbone = SCBERTModule(n_genes=10, **TINY)
+    tokens = torch.randint(0, 5, (6, 11))
+    tensors = {
+        "input_ids": tokens,
+        REGISTRY_KEYS.BATCH_KEY: torch.tensor([0, 1, 0, 1, 0, 1.0])[:, None],
+    }
+
+    def embed(t):
+        return backbone.encode(t["input_ids"]).mean(1)
+
+    wrapper = BatchAdversarialModule(backbone, embed, n_batch=2, dim=16, weight=1.0)
+    backbone.objective = "mlm"
+    torch.manual_seed(0)
+    _, _, with_adv = wrapper(tensors)
+    torch.manual_seed(0)
+    _, _, plain = backbone(tensors)
+    ce = with_adv.extra_metrics["batch_adversary_ce"]
+    assert torch.allclose(with_adv.loss, plain.loss + ce, atol=1e-6)
+    # gradient of the discriminator CE alone w.r.t. the encoder is the reverse of plain CE's
+    emb = embed(tensors)
+    disc = wrapper.discriminator
+    target = tensors[REGISTRY_KEYS.BATCH_KEY].reshape(-1).long()
+    g_rev = torch.autograd.grad(F.cross_entropy(disc(emb), target), backbone.token_emb.weight)[0]
+    disc.reverse_grad = False
+    g_fwd = torch.autograd.grad(
+        F.cross_entropy(disc(embed(tensors)), target), backbone.token_emb.weight
+    )[0]
+    assert torch.allclose(g_rev, -g_fwd, atol=1e-6) and g_fwd.abs().sum() > 0

@@ -24,6 +24,7 @@ from ..data import (
     length_bucketed_batches,
     to_csr,
 )
+from ..module import BatchAdversarialModule
 from ..tokenize import COUNT_PERTURB_MODES, perturb_counts
 from ..train import PretrainingPlan
 from ._lora import LoRAMixin
@@ -420,6 +421,7 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         batch_size: int,
         plan_kwargs: dict,
         datasplitter_kwargs: dict | None,
+        batch_adversarial: float = 0.0,
         **kwargs,
     ):
         """Pretrain (``mode="pretrain"``) or fine-tune the classifier (``"finetune"``).
@@ -427,7 +429,10 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         Shared by every model class: checks the labels, builds or checks the head, holds the
         frozen parameters fixed, sets the class weights and the module's objective for the run
         (restoring them afterwards, also on error) and, for fine-tuning with
-        ``early_stopping=True``, monitors the validation macro-F1 unless told otherwise.
+        ``early_stopping=True``, monitors the validation macro-F1 unless told otherwise. With
+        ``batch_adversarial > 0`` the run also removes batch information from the cell
+        embedding with an adversarial batch discriminator of that weight
+        (:class:`~cellformers.module.BatchAdversarialModule`; needs ``batch_key``).
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
@@ -454,6 +459,9 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         previous = self.module.objective
         self.module.objective = "classification" if finetune else "mlm"
         self.module.class_weights = weights
+        backbone = self.module
+        if batch_adversarial:
+            self.module = self._batch_adversary(float(batch_adversarial))
         for p in frozen:
             p.requires_grad_(False)
         try:
@@ -466,6 +474,9 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
                 **kwargs,
             )
         finally:
+            if self.module is not backbone:
+                self._batch_discriminator = self.module.discriminator
+                self.module = backbone
             for p in frozen:
                 p.requires_grad_(True)
             self.module.objective = previous
@@ -473,6 +484,29 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         if finetune:
             self.finetuned_ = True
         return result
+
+    def _cell_embedding_dim(self) -> int:  # pragma: no cover - abstract
+        """Width of :meth:`_perturbation_embedding` (the default cell embedding)."""
+        raise NotImplementedError
+
+    def _batch_adversary(self, weight: float) -> BatchAdversarialModule:
+        """Wrap the module for adversarial batch removal (the discriminator is kept across runs)."""
+        if self._setup_arg(self.adata, "batch_key") is None:
+            raise ValueError(
+                "batch_adversarial needs batch labels: register them with "
+                f"`{type(self).__name__}.setup_anndata(adata, batch_key=...)`."
+            )
+        n_batch = len(self.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping)
+        previous = getattr(self, "_batch_discriminator", None)
+        wrapper = BatchAdversarialModule(
+            self.module,
+            self._perturbation_embedding,
+            n_batch,
+            self._cell_embedding_dim(),
+            weight,
+            discriminator=previous,
+        )
+        return wrapper.to(self.device)
 
     # ------------------------------------------------------------------ classification
     def predict_celltype(

@@ -605,7 +605,9 @@ class Geneformer(FoundationModelBase):
             Passed to :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` and Lightning's
             ``Trainer`` (``train_size``, ``accelerator``, ``max_time`` …). With
             ``early_stopping=True`` fine-tuning stops when the validation macro-F1
-            (``macro_f1_validation``) stops improving.
+            (``macro_f1_validation``) stops improving. ``batch_adversarial=w``
+            also trains an adversarial batch discriminator on the cell embedding with
+            weight ``w`` (batch removal for integration; needs ``batch_key``).
 
         """
         if mode == "pretrain" and self.module.mlm_head is None:
@@ -724,6 +726,16 @@ class Geneformer(FoundationModelBase):
 
     def _class_logits(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.module.classify(tensors["input_ids"], tensors["lengths"])
+
+    def _perturbation_embedding(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        # the default embedding (official layer -1 and pooling), e.g. for batch_adversarial
+        depth = self._layer_depth(-1)
+        return self._pool(
+            tensors["input_ids"], tensors["lengths"], depth, self._resolve_pooling(None)
+        )
+
+    def _cell_embedding_dim(self) -> int:
+        return self.module.hidden_size
 
     # ------------------------------------------------------------------ perturbation
     def perturb(

@@ -478,7 +478,9 @@ class SCBERT(FoundationModelBase):
             Passed to :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` and Lightning's
             ``Trainer`` (``train_size``, ``accelerator``, ``accumulate_grad_batches`` …).
             With ``early_stopping=True`` fine-tuning stops when the validation macro-F1
-            (``macro_f1_validation``) stops improving.
+            (``macro_f1_validation``) stops improving. ``batch_adversarial=w``
+            also trains an adversarial batch discriminator on the cell embedding with
+            weight ``w`` (batch removal for integration; needs ``batch_key``).
 
         """
         plan_kwargs = {
@@ -540,6 +542,9 @@ class SCBERT(FoundationModelBase):
 
     def _perturbation_embedding(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         return self._pool(tensors["input_ids"], "mean")
+
+    def _cell_embedding_dim(self) -> int:
+        return self.module.dim
 
     def get_latent_representation(
         self,

@@ -588,7 +588,9 @@ class SCGPT(FoundationModelBase):
             Passed to :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` and Lightning's
             ``Trainer`` (``train_size``, ``accelerator``, ``max_time`` …). With
             ``early_stopping=True`` fine-tuning stops when the validation macro-F1
-            (``macro_f1_validation``) stops improving.
+            (``macro_f1_validation``) stops improving. ``batch_adversarial=w``
+            also trains an adversarial batch discriminator on the cell embedding with
+            weight ``w`` (batch removal for integration; needs ``batch_key``).
 
         """
         plan_kwargs = {"lr": lr, "warmup_ratio": warmup_ratio, **(plan_kwargs or {})}
@@ -718,6 +720,9 @@ class SCGPT(FoundationModelBase):
 
     def _perturbation_embedding(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         return self._embed(tensors)
+
+    def _cell_embedding_dim(self) -> int:
+        return self.module.d_model
 
     # ------------------------------------------------------------------ query mapping
     @classmethod
