@@ -13,7 +13,9 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 from anndata import AnnData
-from scvi import REGISTRY_KEYS
+from scvi import REGISTRY_KEYS, settings
+from scvi.data.fields import CategoricalObsField
+from scvi.dataloaders._data_splitting import validate_data_split
 from scvi.utils import setup_anndata_dsp
 
 from ..genes import GeneVocab, match_genes, read_gene_list
@@ -31,6 +33,9 @@ from ._base import FoundationModelBase, _resolve_indices
 logger = logging.getLogger(__name__)
 
 TOTAL_COUNTS_KEY = "total_counts"  # registry key of the per-cell total counts (mode "A")
+PERTURBATION_KEY = "perturbation"  # registry key of the per-cell perturbation labels
+_COMBINATION_SEP = "+"
+_MAX_REDRAWS = 10  # draws of another control for a control cell before giving up
 _POOLINGS = ("all", "max", "mean")
 _MODULE_ARGS = (
     "bin_num",
@@ -54,6 +59,7 @@ _MODULE_ARGS = (
     "max_encoder_len",
     "n_labels",
     "classifier_hidden",
+    "perturbation_flags",
 )
 
 
@@ -106,6 +112,89 @@ class _AlignedCounts:
         return {"counts": counts}
 
 
+def _split_perturbation(name: str, control_label: str | None) -> tuple[str, ...]:
+    """Targets of a perturbation label: ``()`` for the control, else the ``"+"``-joined names."""
+    if name == control_label:
+        return ()
+    parts = tuple(p.strip() for p in name.split(_COMBINATION_SEP))
+    if any(not p for p in parts):
+        raise ValueError(
+            f"Perturbation {name!r} has an empty target; name a perturbation by its target "
+            f"gene or join several with {_COMBINATION_SEP!r} (e.g. 'STAT1+IRF1')."
+        )
+    if control_label is not None and control_label in parts:
+        raise ValueError(
+            f"Perturbation {name!r} combines the control label {control_label!r} with targets; "
+            "the control is the unperturbed cell and cannot be part of a combination."
+        )
+    return parts
+
+
+def _same_rows(A: sp.csr_matrix, B: sp.csr_matrix) -> np.ndarray:
+    """Whether each row of ``A`` equals the same row of ``B`` (boolean per row)."""
+    diff = sp.csr_matrix(A - B)
+    diff.eliminate_zeros()
+    return np.diff(diff.indptr) == 0
+
+
+@dataclass(frozen=True)
+class _PerturbationPairs:
+    """Training minibatches for perturbation training: control inputs paired with target cells.
+
+    Each minibatch cell is a target. Its input is a control cell drawn uniformly from
+    ``controls`` with torch's global generator (so scvi-tools' seed controls the pairing); a
+    control target gets another control (one whose profile differs, redrawn up to
+    ``_MAX_REDRAWS`` times). The inputs are the usual scFoundation tokens with ``T = S``, the
+    flags are the target genes of the target cell's perturbation (none for a control), and the
+    targets are the target cells' normalised expression in the model's gene order.
+    """
+
+    tokenizer: _SCFoundationTokenizer
+    controls: sp.csr_matrix
+    control_totals: np.ndarray | None
+    flag_table: np.ndarray  # bool [n perturbation categories, n_genes]
+    control_code: int
+    measured: np.ndarray  # bool [n_genes]
+    registry_keys: tuple[str, ...] = (PERTURBATION_KEY,)
+
+    def lengths(self, X: sp.csr_matrix) -> np.ndarray:
+        return self.tokenizer.lengths(X)
+
+    def _draw(self, n: int) -> np.ndarray:
+        return torch.randint(self.controls.shape[0], (n,)).numpy()
+
+    def __call__(
+        self,
+        X: sp.csr_matrix,
+        perturbation: np.ndarray,
+        total_counts: np.ndarray | None = None,
+    ) -> dict:
+        X = sp.csr_matrix(X)
+        codes = np.asarray(perturbation).reshape(-1).astype(np.int64)
+        draw = self._draw(X.shape[0])
+        rows = np.flatnonzero(codes == self.control_code)
+        for _ in range(_MAX_REDRAWS):
+            same = rows[_same_rows(self.controls[draw[rows]], X[rows])]
+            if not same.size:
+                break
+            draw[same] = self._draw(same.size)
+        totals = None if self.control_totals is None else self.control_totals[draw]
+        inputs = self.tokenizer(self.controls[draw], total_counts=totals)
+        tokens = self.tokenizer(X, total_counts=total_counts)
+        lengths = np.asarray(tokens["lengths"])
+        steps = np.arange(tokens["values"].shape[1])[None, :]
+        real = steps < (lengths - 2)[:, None]  # gene tokens, not T, S or padding
+        cells = np.nonzero(real)[0]
+        target = np.zeros((X.shape[0], self.measured.size), dtype=np.float32)
+        target[cells, np.asarray(tokens["positions"])[real]] = np.asarray(tokens["values"])[real]
+        return {
+            **inputs,
+            "flags": self.flag_table[codes],
+            "target": target,
+            "measured": np.broadcast_to(self.measured, target.shape).copy(),
+        }
+
+
 class SCFoundation(FoundationModelBase):
     """scFoundation (xTrimoGene, Hao et al. 2024) as an scvi-tools model.
 
@@ -132,7 +221,10 @@ class SCFoundation(FoundationModelBase):
         symbols and Ensembl IDs converted into each other; genes of the list that the data lack
         read as zero, as in the official preprocessing. By default the list is the registered
         genes (unique, non-empty names in ``var`` order): an scFoundation-architecture model
-        for this gene set, to train from scratch.
+        for this gene set, to train from scratch. With a registered ``perturbation_key`` the
+        default list also holds, after the data's genes, the perturbation targets that the
+        data do not measure (in the order of the perturbation categories), so that every
+        registered perturbation can be flagged (see :meth:`predict_perturbation`).
     target_depth
         Default T token of single-cell inputs: ``"tN"`` (T = N, the official default ``"t4"``),
         ``"fN"`` (T = S + log10 N; ``"f1"`` gives T = S) or ``"aN"`` (T = S + N).
@@ -153,6 +245,9 @@ class SCFoundation(FoundationModelBase):
         ``train(mode="finetune")`` adds one for the registered labels when needed.
     classifier_hidden
         Hidden width of the classification head.
+    perturbation_flags
+        Build the perturbation-flag embedding (scGPT's ``pert_encoder``);
+        ``train(mode="perturbation")`` adds it when needed.
 
     Examples
     --------
@@ -166,6 +261,8 @@ class SCFoundation(FoundationModelBase):
     """
 
     _module_cls = SCFoundationModule
+    perturbation_trained_ = False  # whether train(mode="perturbation") has run
+    train_perturbations_: list[str] | None = None  # perturbations of the last such run
 
     def __init__(
         self,
@@ -195,6 +292,7 @@ class SCFoundation(FoundationModelBase):
         max_encoder_len: int | None = None,
         n_labels: int = 0,
         classifier_hidden: int = 256,
+        perturbation_flags: bool = False,
     ):
         super().__init__(adata, registry)
         if not 0.0 <= min_coverage <= 1.0:
@@ -205,6 +303,7 @@ class SCFoundation(FoundationModelBase):
                 raise ValueError("Pass `gene_list` when building a model without AnnData.")
             names = pd.Index(self._gene_names(adata))
             gene_list = names[(names != "") & ~names.duplicated()].tolist()
+            gene_list += [t for t in self._registered_targets(adata) if t not in set(names)]
         gene_list = read_gene_list(gene_list, what="gene_list")
         self.gene_list = gene_list
         self.vocab = GeneVocab.from_tokens(gene_list, specials=(), pad_token=None, cls_token=None)
@@ -234,6 +333,8 @@ class SCFoundation(FoundationModelBase):
         pre_normalized: Literal["F", "T", "A"] = "F",
         input_type: Literal["singlecell", "bulk"] = "singlecell",
         total_counts_key: str | None = None,
+        perturbation_key: str | None = None,
+        control_label: str | None = None,
         **kwargs,
     ):
         """%(summary)s.
@@ -263,6 +364,16 @@ class SCFoundation(FoundationModelBase):
         total_counts_key
             Column of ``adata.obs`` with each cell's raw total count; required with
             ``pre_normalized="A"``.
+        perturbation_key
+            Column of ``adata.obs`` with each cell's perturbation, for perturbation-response
+            training (``train(mode="perturbation")``) and :meth:`predict_perturbation`: the
+            control label, or the target gene, or several targets joined by ``"+"``
+            (``"STAT1+IRF1"``). Targets are meant to be gene names of the data; a target the
+            data do not measure is accepted (and reported) as long as the model's gene list
+            holds it (a model built from scratch adds it to its default list).
+        control_label
+            Label of the unperturbed (control) cells in ``adata.obs[perturbation_key]``, e.g.
+            ``"non-targeting"``; required with ``perturbation_key``.
 
         """
         if pre_normalized not in ("F", "T", "A"):
@@ -276,8 +387,17 @@ class SCFoundation(FoundationModelBase):
                 "total_counts_key is needed with pre_normalized='A' (and only then): name the "
                 "adata.obs column with each cell's raw total count."
             )
+        if (perturbation_key is None) != (control_label is None):
+            raise ValueError(
+                "perturbation_key and control_label go together: name the adata.obs column "
+                "with each cell's perturbation and the label of its control cells."
+            )
+        if perturbation_key is not None:
+            cls._check_perturbations(adata, perturbation_key, control_label, gene_key)
         setup_method_args = cls._get_setup_method_args(**locals())
         extra = []
+        if perturbation_key is not None:
+            extra.append(CategoricalObsField(PERTURBATION_KEY, perturbation_key))
         if total_counts_key is not None:
             extra.append(
                 cls._total_counts_field(
@@ -299,6 +419,45 @@ class SCFoundation(FoundationModelBase):
             extra_fields=extra,
             **kwargs,
         )
+
+    @staticmethod
+    def _check_perturbations(
+        adata: AnnData, perturbation_key: str, control_label: str, gene_key: str | None
+    ) -> None:
+        """Check the perturbation labels before registration (see :meth:`setup_anndata`)."""
+        if not isinstance(adata, AnnData):
+            raise TypeError(f"Expected an AnnData object, got {type(adata).__name__}.")
+        if perturbation_key not in adata.obs:
+            raise KeyError(
+                f"perturbation_key {perturbation_key!r} is not a column of adata.obs "
+                f"(columns: {list(adata.obs.columns)[:10]})."
+            )
+        labels = adata.obs[perturbation_key]
+        if labels.isna().any():
+            raise ValueError(
+                f"adata.obs[{perturbation_key!r}] has {int(labels.isna().sum())} missing "
+                "label(s); give every cell its perturbation or the control label, or remove "
+                "those cells."
+            )
+        names = pd.unique(labels.astype(str))
+        if str(control_label) not in set(names):
+            raise ValueError(
+                f"control_label {control_label!r} is not a label of adata.obs"
+                f"[{perturbation_key!r}] (labels: {sorted(names)[:10]}); pass the label of the "
+                "control cells, e.g. 'non-targeting'."
+            )
+        targets = {t for name in names for t in _split_perturbation(name, str(control_label))}
+        if gene_key is not None and gene_key not in adata.var:
+            raise KeyError(f"gene_key {gene_key!r} is not a column of adata.var.")
+        genes = adata.var_names if gene_key is None else adata.var[gene_key]
+        unmeasured = sorted(targets - set(genes.astype(str)))
+        if unmeasured:
+            logger.info(
+                "%d perturbation target(s) are not among the data's genes (e.g. %s); they can "
+                "be flagged only where the model's gene list holds them.",
+                len(unmeasured),
+                ", ".join(unmeasured[:10]),
+            )
 
     # ------------------------------------------------------------------ pretrained weights
     @classmethod
@@ -409,14 +568,127 @@ class SCFoundation(FoundationModelBase):
         finally:
             self.target_depth = previous
 
+    # ------------------------------------------------------------------ perturbations
+    def _query_setup_args(self, adata: AnnData | None) -> dict:
+        """Return the query setup arguments, without a perturbation column ``adata`` lacks."""
+        args = super()._query_setup_args(adata)
+        key = args.get("perturbation_key")
+        if adata is not None and key is not None and key not in adata.obs:
+            args["perturbation_key"] = args["control_label"] = None
+        return args
+
+    def _perturbation_setup(self) -> tuple[str, str]:
+        """``(perturbation_key, control_label)`` of the model's AnnData, or a clear error."""
+        key = self._setup_arg(self.adata, "perturbation_key")
+        if key is None:
+            raise ValueError(
+                "No perturbations are registered: set up the AnnData with "
+                "`SCFoundation.setup_anndata(adata, perturbation_key=..., control_label=...)` "
+                "and build the model on it."
+            )
+        return key, str(self._setup_arg(self.adata, "control_label"))
+
+    def _registered_targets(self, adata: AnnData) -> list[str]:
+        """Targets of the registered perturbation labels, in category order (none if unset)."""
+        manager = self.get_anndata_manager(adata, required=True)
+        if PERTURBATION_KEY not in manager.data_registry:
+            return []
+        control = str(manager.registry["setup_args"]["control_label"])
+        names = manager.get_state_registry(PERTURBATION_KEY).categorical_mapping
+        targets = [t for name in names for t in _split_perturbation(str(name), control)]
+        return list(dict.fromkeys(targets))
+
+    def _target_positions(self, targets: Sequence[str]) -> dict[str, int]:
+        """Gene-list position of each target (-1 when the list lacks it).
+
+        A target that is one of the data's genes takes that gene's position (names matched
+        as for the data, symbols and Ensembl IDs converted); another is looked up in the gene
+        list itself.
+        """
+        targets = list(dict.fromkeys(targets))
+        if not targets:
+            return {}
+        names = np.asarray(self._gene_names(self.adata))
+        ids = self._gene_ids(self.adata)
+        out = {}
+        for t in targets:
+            hits = ids[(names == t) & (ids >= 0)]
+            out[t] = int(hits[0]) if hits.size else -1
+        rest = [t for t in targets if out[t] < 0]
+        if rest:
+            match = match_genes(rest, self.vocab, min_coverage=0.0, keep_duplicates=True)
+            out.update(zip(rest, (int(i) for i in match.token_ids), strict=True))
+        return out
+
+    def _resolve_perturbations(self, perturbations, *, what: str) -> tuple[list[str], list]:
+        """Names and gene-list positions of perturbations (labels, ``"A+B"`` or tuples)."""
+        _, control = self._perturbation_setup()
+        if isinstance(perturbations, str):
+            perturbations = [perturbations]
+        perturbations = list(perturbations)
+        if not perturbations:
+            raise ValueError(
+                f"`{what}` is empty; pass perturbation labels: a target gene, targets joined "
+                f"by '+', or the control label {control!r}."
+            )
+        parsed = []
+        for p in perturbations:
+            if isinstance(p, str):
+                parsed.append((p, _split_perturbation(p, control)))
+            else:
+                parts = tuple(map(str, p))
+                name = _COMBINATION_SEP.join(parts) if parts else control
+                parsed.append((name, _split_perturbation(name, control)))
+        names = [name for name, _ in parsed]
+        dups = sorted({n for n in names if names.count(n) > 1})
+        if dups:
+            raise ValueError(f"`{what}` names perturbations more than once: {dups[:10]}.")
+        positions = self._target_positions([t for _, parts in parsed for t in parts])
+        unknown = [name for name, parts in parsed if any(positions[t] < 0 for t in parts)]
+        if unknown:
+            missing = sorted({t for _, parts in parsed for t in parts if positions[t] < 0})
+            raise ValueError(
+                f"Unknown perturbations in `{what}`: {unknown[:10]}. Their targets "
+                f"{missing[:10]} are not in the model's gene list (nor genes of the data), so "
+                "they cannot be flagged; build the model with a `gene_list` that holds them "
+                "(a model built from scratch on data registered with these perturbations adds "
+                f"them by default), or use the control label {control!r} for no perturbation."
+            )
+        return names, [
+            np.unique(np.asarray([positions[t] for t in parts], dtype=np.int64))
+            for _, parts in parsed
+        ]
+
+    def _prepare_perturbation_encoder(self) -> None:
+        """Give the module the perturbation-flag embedding if it has none (weights kept)."""
+        if self.module.perturbation_flags:
+            return
+        kwargs = {
+            **self.init_params_.get("non_kwargs", {}),
+            **self.init_params_.get("kwargs", {}),
+        }
+        kwargs = {k: v for k, v in kwargs.items() if k in _MODULE_ARGS}
+        kwargs.update(n_labels=self.module.n_labels, perturbation_flags=True)
+        module = self._module_cls(len(self.gene_list), **kwargs)
+        result = module.load_state_dict(self.module.state_dict(), strict=False)
+        if result.unexpected_keys or set(result.missing_keys) != {"pert_encoder.weight"}:
+            raise RuntimeError(
+                "Could not add the perturbation-flag embedding to the network: missing keys "
+                f"{result.missing_keys}, unexpected keys {result.unexpected_keys}."
+            )
+        self._replace_module(module, perturbation_flags=True)
+        self._model_summary_string += ", perturbation flags"
+
     # ------------------------------------------------------------------ training
     def train(
         self,
         max_epochs: int | None = None,
         *,
-        mode: Literal["pretrain", "finetune"] = "pretrain",
+        mode: Literal["pretrain", "finetune", "perturbation"] = "pretrain",
         freeze_layers: int | Literal["all", "official"] = 0,
         class_weight: str | Mapping[str, float] | None = None,
+        train_perturbations: Sequence[str] | None = None,
+        indices: Sequence[int] | np.ndarray | None = None,
         batch_size: int = 8,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
@@ -425,7 +697,7 @@ class SCFoundation(FoundationModelBase):
         datasplitter_kwargs: dict | None = None,
         **kwargs,
     ):
-        """Read-depth-aware masked pretraining (RDA), or cell-type annotation fine-tuning.
+        """Read-depth-aware masked pretraining (RDA), cell-type annotation fine-tuning, or perturbation-response training.
 
         ``mode="pretrain"``: every minibatch cell is randomly down-sampled (binomial thinning
         of its reads) for a fraction of cells, normalised, and a part of its expressed and of
@@ -440,23 +712,46 @@ class SCFoundation(FoundationModelBase):
         with cross-entropy on the registered ``labels_key``; the decoder is not used. A model
         without a head gets a fresh one first.
 
+        ``mode="perturbation"`` (scGPT's perturbation recipe on this network, needs a
+        registered ``perturbation_key``): every minibatch cell of a training perturbation is a
+        target, paired with a control cell drawn at random (torch's generator, so
+        ``scvi.settings.seed`` fixes the pairing) from the registered control cells among the
+        training cells. The control cell is the input, tokenized as usual with ``T = S``; the
+        perturbation flags (scGPT's ``pert_encoder``, added by
+        :class:`~cellformers.module.SCFoundationModule` to the encoder tokens and to the
+        decoder input, see :meth:`~cellformers.module.SCFoundationModule.decode`) are set on
+        the genes the target cell's perturbation targets; the loss is the mean squared error
+        between the predicted and the target cell's normalised expression (``log1p`` of counts
+        per 10,000, as the input) over every gene of the list that the data measure. Control
+        cells are targets too, each paired with another control and no flag, so the model
+        also learns the unperturbed response. A model without the flag embedding gets one
+        first (the rest of the network is kept). See :meth:`predict_perturbation`.
+
         Training runs through Lightning, so ``accelerator``, ``devices``, ``strategy`` and
-        ``precision`` work as in any scvi-tools model.
+        ``precision`` work as in any scvi-tools model. In perturbation training
+        ``train_size``/``validation_size`` split the selected cells (not all cells).
 
         Parameters
         ----------
         max_epochs
             Passes through the data; scvi-tools' heuristic when ``None``.
         mode
-            ``"pretrain"`` or ``"finetune"``.
+            ``"pretrain"``, ``"finetune"`` or ``"perturbation"``.
         freeze_layers
             Keep the first ``freeze_layers`` encoder layers fixed (the embeddings still
             train); ``"all"`` trains only the classification head; ``"official"`` trains only
             what the official example unfreezes: the second-to-last encoder layer and the
-            head.
+            head (both fine-tuning only).
         class_weight
             Fine-tuning only: ``"balanced"`` weights each class's cross-entropy by
             ``n_cells / (n_classes * n_cells_in_class)``, or a mapping label -> weight.
+        train_perturbations
+            Perturbation training only: the perturbations to learn from (labels of the
+            registered ``perturbation_key``); by default every registered perturbation. Only
+            their cells and the control cells are used, so held-out perturbations stay unseen.
+        indices
+            Perturbation training only: the cells that may be used (positions or boolean
+            mask); all by default.
         batch_size
             Cells per minibatch (in pretraining the decoder reads every gene of the list for
             every cell).
@@ -477,6 +772,16 @@ class SCFoundation(FoundationModelBase):
             (``macro_f1_validation``) stops improving.
 
         """
+        if mode != "perturbation" and (train_perturbations is not None or indices is not None):
+            raise ValueError("train_perturbations and indices apply to mode='perturbation'.")
+        if mode == "perturbation":
+            if class_weight is not None:
+                raise ValueError("class_weight applies to fine-tuning (mode='finetune').")
+            if isinstance(freeze_layers, str):
+                raise ValueError(
+                    "In perturbation training freeze_layers is a number of encoder layers to "
+                    f"keep fixed, got {freeze_layers!r}."
+                )
         if mode == "pretrain" and (
             (self._setup_arg(self.adata, "pre_normalized") or "F") != "F"
             or (self._setup_arg(self.adata, "input_type") or "singlecell") != "singlecell"
@@ -491,6 +796,17 @@ class SCFoundation(FoundationModelBase):
             "warmup_ratio": warmup_ratio,
             **(plan_kwargs or {}),
         }
+        if mode == "perturbation":
+            return self._train_perturbation(
+                train_perturbations=train_perturbations,
+                indices=indices,
+                freeze_layers=freeze_layers,
+                max_epochs=max_epochs,
+                batch_size=batch_size,
+                plan_kwargs=plan_kwargs,
+                datasplitter_kwargs=datasplitter_kwargs,
+                **kwargs,
+            )
         return self._run_training(
             mode=mode,
             freeze_layers=freeze_layers,
@@ -501,6 +817,143 @@ class SCFoundation(FoundationModelBase):
             datasplitter_kwargs=datasplitter_kwargs,
             **kwargs,
         )
+
+    def _perturbation_training_cells(
+        self, train_perturbations, indices
+    ) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Training perturbations, their cells and the controls among the allowed cells."""
+        key, control = self._perturbation_setup()
+        names = np.asarray(self.get_state_registry(PERTURBATION_KEY).categorical_mapping, dtype=str)
+        codes = np.asarray(self.get_from_registry(self.adata, PERTURBATION_KEY)).reshape(-1)
+        allowed = _resolve_indices(indices, self.adata.n_obs)
+        present = set(names[np.unique(codes[allowed])])
+        if train_perturbations is None:
+            train = [n for n in names if n != control and n in present]
+        else:
+            train = [train_perturbations] if isinstance(train_perturbations, str) else None
+            train = list(dict.fromkeys(map(str, train or train_perturbations)))
+            if control in train:
+                raise ValueError(
+                    f"The control label {control!r} is in `train_perturbations`; the control "
+                    "cells are always used (as inputs and as unperturbed targets), leave it out."
+                )
+            unknown = [n for n in train if n not in present]
+            if unknown:
+                raise ValueError(
+                    f"Unknown perturbations in `train_perturbations`: {unknown[:10]}. They have "
+                    f"no (selected) cells in adata.obs[{key!r}]."
+                )
+        if not train:
+            raise ValueError("There are no perturbed cells to train on.")
+        control_code = int(np.flatnonzero(names == control)[0])
+        wanted = np.isin(names[codes[allowed]], train)
+        controls = allowed[codes[allowed] == control_code]
+        if controls.size < 2:
+            raise ValueError(
+                f"Perturbation training needs at least 2 control cells ({control!r}) among the "
+                f"selected cells, found {controls.size}."
+            )
+        cells = np.sort(np.concatenate([allowed[wanted], controls]))
+        return train, cells, controls
+
+    def _train_perturbation(
+        self,
+        *,
+        train_perturbations,
+        indices,
+        freeze_layers: int,
+        max_epochs: int | None,
+        batch_size: int,
+        plan_kwargs: dict,
+        datasplitter_kwargs: dict | None,
+        **kwargs,
+    ):
+        """Perturbation-response training (``train(mode="perturbation")``)."""
+        if (self._setup_arg(self.adata, "input_type") or "singlecell") != "singlecell":
+            raise ValueError("Perturbation training reads single cells (input_type='singlecell').")
+        if not self.module.expression_head:
+            raise ValueError("Perturbation training needs the expression head (to_final).")
+        if "external_indexing" in (datasplitter_kwargs or {}):
+            raise ValueError(
+                "Perturbation training chooses its cells itself: pass `indices` and "
+                "`train_perturbations` instead of external_indexing."
+            )
+        train, cells, controls = self._perturbation_training_cells(train_perturbations, indices)
+        _, control = self._perturbation_setup()
+        positions = self._resolve_perturbations(train, what="train_perturbations")[1]
+        gene_ids = self._gene_ids(self.adata)
+        manager = self.get_anndata_manager(self.adata, required=True)
+        X = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        empty = cells[self._tokenizer(self.adata).lengths(sp.csr_matrix(X[cells])) <= 2]
+        if empty.size:
+            raise ValueError(
+                f"{empty.size} selected cell(s) have no counts in the model's genes (e.g. "
+                f"{list(self.adata.obs_names[empty[:5]])}); remove them with `indices`."
+            )
+        names = list(self.get_state_registry(PERTURBATION_KEY).categorical_mapping)
+        flag_table = np.zeros((len(names), len(self.gene_list)), dtype=bool)
+        for name, pos in zip(train, positions, strict=True):
+            flag_table[names.index(name), pos] = True
+        measured = np.zeros(len(self.gene_list), dtype=bool)
+        measured[gene_ids[gene_ids >= 0]] = True
+        tokenizer = self._tokenizer(self.adata, target_depth="f1")  # T = S
+        totals = None
+        if TOTAL_COUNTS_KEY in tokenizer.registry_keys:
+            totals = np.asarray(manager.get_from_registry(TOTAL_COUNTS_KEY)).reshape(-1)[controls]
+        pairs = _PerturbationPairs(
+            tokenizer=tokenizer,
+            controls=sp.csr_matrix(X[controls], dtype=np.float32),
+            control_totals=totals,
+            flag_table=flag_table,
+            control_code=names.index(control),
+            measured=measured,
+            registry_keys=(PERTURBATION_KEY, *tokenizer.registry_keys),
+        )
+        # split the selected cells as scvi-tools' DataSplitter splits all cells
+        train_size = kwargs.pop("train_size", None)
+        n_train, n_val = validate_data_split(
+            cells.size,
+            0.9 if not train_size else float(train_size),
+            kwargs.pop("validation_size", None),
+            batch_size,
+            (datasplitter_kwargs or {}).get("drop_last", False),
+            not train_size,
+        )
+        if kwargs.pop("shuffle_set_split", True):
+            cells = np.random.RandomState(seed=settings.seed).permutation(cells)
+        rest = np.setdiff1d(np.arange(self.adata.n_obs), cells[: n_val + n_train])
+        split = [np.sort(cells[n_val : n_val + n_train]), np.sort(cells[:n_val]), rest]
+        datasplitter_kwargs = {**(datasplitter_kwargs or {}), "external_indexing": split}
+
+        with self._lora_set_aside():  # a rebuilt module gets the adapters back
+            self._prepare_perturbation_encoder()
+        frozen = self._frozen_parameters(freeze_layers)
+        flag_params = {id(p) for p in self.module.pert_encoder.parameters()}
+        frozen += [
+            p
+            for p in self._lora_frozen_parameters(frozen, finetune=False)
+            if id(p) not in flag_params  # the new flag embedding trains with the adapters
+        ]
+        previous = self.module.objective
+        self.module.objective = "perturbation"
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            result = self._train_on_tokens(
+                pairs,
+                max_epochs=max_epochs,
+                batch_size=batch_size,
+                plan_kwargs=plan_kwargs,
+                datasplitter_kwargs=datasplitter_kwargs,
+                **kwargs,
+            )
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+            self.module.objective = previous
+        self.perturbation_trained_ = True
+        self.train_perturbations_ = list(train)
+        return result
 
     def _training_tokenizer(self):
         if self.module.objective == "classification":
@@ -657,6 +1110,117 @@ class SCFoundation(FoundationModelBase):
             return pd.DataFrame(pred, index=obs_names, columns=pd.Index(self.gene_list))
         columns, positions = self._genes_in_data(adata)
         return pd.DataFrame(pred[:, positions], index=obs_names, columns=adata.var_names[columns])
+
+    def predict_perturbation(
+        self,
+        perturbations: str | Sequence[str | tuple[str, ...]],
+        *,
+        control_indices: Sequence[int] | np.ndarray | None = None,
+        n_controls: int | None = None,
+        batch_size: int | None = None,
+    ) -> AnnData:
+        """Predict the mean expression profile of perturbations from control cells.
+
+        For every perturbation, each control cell is tokenized as usual with ``T = S`` and
+        decoded with the perturbation flags on its target genes (see
+        ``train(mode="perturbation")``); the predicted normalised expression (``log1p`` of
+        counts per 10,000) is averaged over the control cells. Any perturbation whose targets
+        are in the model's gene list can be predicted, including perturbations held out from
+        training (the flag then sits on a gene the model has not seen perturbed); the control
+        label (or an empty tuple) is the unperturbed prediction, the network's output without
+        flags.
+
+        Parameters
+        ----------
+        perturbations
+            Perturbation labels: a target gene, targets joined by ``"+"`` (``"STAT1+IRF1"``),
+            a tuple of targets, or the control label.
+        control_indices
+            Cells of the model's AnnData to perturb (positions or boolean mask); by default
+            the registered control cells.
+        n_controls
+            Use this many of those cells, drawn without replacement with a generator seeded by
+            ``scvi.settings.seed``; all by default.
+        batch_size
+            Cells per forward pass (default 4: the decoder reads every gene of the list); the
+            result does not depend on it.
+
+        Returns
+        -------
+        AnnData with one row per perturbation (``obs_names`` and ``obs[perturbation_key]``
+        the perturbation labels, ``obs['n_cells']`` the number of control cells averaged,
+        ``obs['is_control']``), the data's genes that are in the gene list as ``var`` (in data
+        order) and float64 mean profiles in ``X``: the contract of
+        :func:`cellformers.tl.perturbation_means` and
+        :func:`cellformers.tl.evaluate_perturbation` (the model normalises over the genes of
+        its list, which equals the data's normalisation when the list holds every gene of the
+        data). ``uns['predict_perturbation']`` holds the settings.
+
+        """
+        key, control = self._perturbation_setup()
+        if not self.module.perturbation_flags:
+            raise ValueError(
+                "The network has no perturbation-flag embedding; train it first with "
+                "`model.train(mode='perturbation', ...)`."
+            )
+        if not self.perturbation_trained_:
+            logger.warning(
+                "The perturbation-flag embedding has not been trained; predictions of perturbed "
+                "cells are not meaningful."
+            )
+        names, positions = self._resolve_perturbations(perturbations, what="perturbations")
+        adata = self.adata
+        if control_indices is None:
+            codes = np.asarray(self.get_from_registry(adata, PERTURBATION_KEY)).reshape(-1)
+            mapping = list(self.get_state_registry(PERTURBATION_KEY).categorical_mapping)
+            cells = np.flatnonzero(codes == mapping.index(control))
+        else:
+            cells = np.unique(_resolve_indices(control_indices, adata.n_obs))
+        if n_controls is not None:
+            if isinstance(n_controls, bool) or not 1 <= int(n_controls):
+                raise ValueError(f"n_controls must be a positive integer, got {n_controls!r}.")
+            if int(n_controls) < cells.size:
+                rng = np.random.default_rng(settings.seed)
+                cells = np.sort(rng.choice(cells, int(n_controls), replace=False))
+        if cells.size == 0:
+            raise ValueError("No control cells selected.")
+        columns, gene_pos = self._genes_in_data(adata)
+        index = torch.as_tensor(gene_pos)
+        n_genes = len(self.gene_list)
+        batch_size = 4 if batch_size is None else batch_size
+        X = np.zeros((len(names), columns.size), dtype=np.float64)
+        for j, pos in enumerate(positions):
+            row = torch.zeros(n_genes, dtype=torch.bool)
+            row[torch.as_tensor(pos)] = True
+
+            def predict(t: dict[str, torch.Tensor], row=row, flagged=pos.size > 0):
+                values = t["values"]
+                flags = row.to(values.device).expand(values.shape[0], -1) if flagged else None
+                pred = self.module.predict_expression(
+                    values, t["positions"], t["lengths"], flags=flags
+                )
+                return pred[:, index.to(pred.device)]
+
+            total = self._map_tokens(
+                adata, cells, batch_size, predict, target_depth="f1", reduce=True
+            )
+            X[j] = total / cells.size
+        obs = pd.DataFrame(
+            {
+                key: names,
+                "n_cells": np.full(len(names), cells.size),
+                "is_control": [pos.size == 0 for pos in positions],
+            },
+            index=pd.Index(names),
+        )
+        out = AnnData(X=X, obs=obs, var=adata.var.iloc[columns].copy())
+        out.uns["predict_perturbation"] = {
+            "perturbation_key": key,
+            "control_label": control,
+            "n_controls": int(cells.size),
+            "model": type(self).__name__,
+        }
+        return out
 
     def get_gene_embeddings(
         self,

@@ -33,6 +33,14 @@ POOLINGS: tuple[str, ...] = ("all", "max", "mean")
 #: Minibatch key of the raw counts aligned to the model's genes (masked pretraining).
 COUNTS_KEY = "counts"
 
+#: Training objectives of :class:`SCFoundationModule`.
+OBJECTIVES: tuple[str, ...] = ("mlm", "classification", "perturbation")
+
+#: Minibatch keys of perturbation training: per-gene flags, targets and measured genes.
+FLAGS_KEY = "flags"
+TARGET_KEY = "target"
+MEASURED_KEY = "measured"
+
 
 def gather_scfoundation_tokens(
     expression: torch.Tensor,
@@ -186,6 +194,13 @@ class SCFoundationModule(ClassifierMixin, BaseModuleClass):
     raw counts aligned to the model's genes under ``"counts"`` (float ``[batch, n_genes]``) and
     :meth:`loss` is the masked MSE described in :meth:`corrupt` and :meth:`loss`.
 
+    **Perturbation training** (``objective="perturbation"``, with ``perturbation_flags=True``)
+    follows scGPT's perturbation model: minibatches hold a control cell's token batch, the
+    perturbation ``"flags"`` (``[batch, n_genes]``, 1 on the genes to perturb), the perturbed
+    cell's normalised expression ``"target"`` and the ``"measured"`` genes; ``pert_encoder``
+    embeds the flags into the encoder tokens and the decoder input, and the loss is the mean
+    squared error over the measured genes (:meth:`loss`).
+
     Parameters
     ----------
     n_genes
@@ -256,6 +271,11 @@ class SCFoundationModule(ClassifierMixin, BaseModuleClass):
         labels, and the loss is the cross-entropy.
     classifier_hidden
         Hidden width of the classification head.
+    perturbation_flags
+        Build ``pert_encoder``, the perturbation-flag embedding of scGPT's perturbation model
+        (``Embedding(2, encoder_dim, padding_idx=0)``: row 0, "not perturbed", is the zero
+        vector, row 1 is "perturbed"; see :meth:`encode` and :meth:`decode` for where it is
+        added). Not part of the published networks.
 
     """
 
@@ -292,6 +312,7 @@ class SCFoundationModule(ClassifierMixin, BaseModuleClass):
         target_sum: float = 1e4,
         n_labels: int = 0,
         classifier_hidden: int = 256,
+        perturbation_flags: bool = False,
     ):
         super().__init__()
         if n_labels < 0:
@@ -380,24 +401,40 @@ class SCFoundationModule(ClassifierMixin, BaseModuleClass):
         self.classifier = (
             SCFoundationClassifier(encoder_dim, n_labels, classifier_hidden) if n_labels else None
         )
+        # scGPT's pert_encoder with its tutorial's pert_pad_id=0: "not perturbed" adds nothing,
+        # so an unflagged input gives exactly the network without the embedding
+        self.pert_encoder = (
+            nn.Embedding(2, encoder_dim, padding_idx=0) if perturbation_flags else None
+        )
         self._objective = "mlm"
 
     # ------------------------------------------------------------------ settings
     @property
     def objective(self) -> str:
-        """Training objective: ``"mlm"`` (read-depth-aware masked pretraining) or ``"classification"``."""
+        """Training objective: ``"mlm"`` (read-depth-aware masked pretraining), ``"classification"`` or ``"perturbation"``."""
         return self._objective
 
     @objective.setter
     def objective(self, value: str) -> None:
-        if value not in ("mlm", "classification"):
-            raise ValueError(f"objective must be 'mlm' or 'classification', got {value!r}.")
+        if value not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {value!r}.")
         if value == "classification" and self.classifier is None:
             raise ValueError(
                 "objective 'classification' needs the classification head; build the module "
                 "with n_labels > 0."
             )
+        if value == "perturbation" and (self.pert_encoder is None or self.to_final is None):
+            raise ValueError(
+                "objective 'perturbation' needs the perturbation-flag embedding and the "
+                "expression head; build the module with perturbation_flags=True and "
+                "expression_head=True."
+            )
         self._objective = value
+
+    @property
+    def perturbation_flags(self) -> bool:
+        """Whether the module has the perturbation-flag embedding ``pert_encoder``."""
+        return self.pert_encoder is not None
 
     @property
     def stabilizer(self) -> str:
@@ -456,8 +493,29 @@ class SCFoundationModule(ClassifierMixin, BaseModuleClass):
         positions, padding = self._padding(positions, lengths, values.shape)
         return values.to(self.pos_emb.weight.dtype), positions, padding
 
+    def _check_flags(self, flags: torch.Tensor, batch: int) -> torch.Tensor:
+        """Check perturbation flags ``[batch, n_genes]``; return them padded to all positions."""
+        if self.pert_encoder is None:
+            raise RuntimeError(
+                "This module has no perturbation-flag embedding (pert_encoder); build it with "
+                "perturbation_flags=True."
+            )
+        if not torch.is_tensor(flags) or tuple(flags.shape) != (batch, self.n_genes):
+            got = tuple(flags.shape) if torch.is_tensor(flags) else type(flags)
+            raise ValueError(
+                f"flags must be a [batch, n_genes] = [{batch}, {self.n_genes}] tensor (1 on the "
+                f"perturbed genes), got {got}."
+            )
+        # T, S and the padding position are never perturbed
+        return F.pad(flags.long().clamp(0, 1), (0, self.n_positions + 1 - self.n_genes))
+
     def encode(
-        self, values: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor
+        self,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        lengths: torch.Tensor,
+        *,
+        flags: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Encode tokens: ``encoder(token_emb(values) + pos_emb(positions))`` and its final norm.
 
@@ -469,6 +527,12 @@ class SCFoundationModule(ClassifierMixin, BaseModuleClass):
             Int64 ``[batch, length]``.
         lengths
             Int64 ``[batch]``, real tokens per cell.
+        flags
+            Perturbation flags ``[batch, n_genes]`` (1 or `True` on each cell's perturbed
+            genes, needs ``perturbation_flags=True``): ``pert_encoder(flag)`` is added to the
+            embedding of every gene token, as scGPT's perturbation model adds it to the gene
+            and value embeddings. A perturbed gene that the cell does not express has no
+            token here; :meth:`decode` flags it.
 
         Returns
         -------
@@ -477,6 +541,9 @@ class SCFoundationModule(ClassifierMixin, BaseModuleClass):
         """
         values, positions, padding = self._check_tokens(values, positions, lengths)
         x = self.token_emb(values, padding=padding) + self.pos_emb(positions)
+        if flags is not None:
+            flags = self._check_flags(flags, values.shape[0])
+            x = x + self.pert_encoder(flags.gather(1, positions)).to(x.dtype)
         x = self.encoder(x, key_padding_mask=padding)
         return x.masked_fill(padding[..., None], 0.0)
 
@@ -570,6 +637,7 @@ class SCFoundationModule(ClassifierMixin, BaseModuleClass):
         lengths: torch.Tensor,
         *,
         masked: torch.Tensor | None = None,
+        flags: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Decode all ``n_genes + 2`` positions (the official full forward, before ``to_final``).
 
@@ -578,6 +646,12 @@ class SCFoundationModule(ClassifierMixin, BaseModuleClass):
         embedding, the encoder states are written to their positions (overriding ``masked``
         there), then ``pos_emb(arange(n_genes + 2))`` is added (again, for the encoder states),
         followed by ``decoder_embed``, the Performer, ``decoder.norm`` and ``norm``.
+
+        With ``flags``, ``pert_encoder(flag)`` is added together with ``pos_emb`` at every gene
+        position. The decoder thus sees the flag of every perturbed gene, also of one that the
+        cell does not express and that has no encoder token; a flagged gene that is expressed
+        carries the flag twice, through its encoder state and here, as it carries its position
+        embedding twice.
 
         Parameters
         ----------
@@ -589,6 +663,8 @@ class SCFoundationModule(ClassifierMixin, BaseModuleClass):
             Real encoder tokens per cell.
         masked
             Boolean ``[batch, n_genes + 2]``: positions given the mask embedding (pretraining).
+        flags
+            Perturbation flags ``[batch, n_genes]`` (see :meth:`encode`).
 
         Returns
         -------
@@ -614,6 +690,9 @@ class SCFoundationModule(ClassifierMixin, BaseModuleClass):
         rows = real.nonzero(as_tuple=True)[0]
         x = x.index_put((rows, positions[real]), hidden[real])
         x = x + self.pos_emb.weight[:n].to(x.dtype)
+        if flags is not None:
+            flags = self._check_flags(flags, batch)[:, :n]
+            x = x + self.pert_encoder(flags).to(x.dtype)
         x = self.decoder(self.decoder_embed(x))
         return self.norm(x)
 
@@ -626,7 +705,12 @@ class SCFoundationModule(ClassifierMixin, BaseModuleClass):
         return self.to_final
 
     def predict_expression(
-        self, values: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor
+        self,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        lengths: torch.Tensor,
+        *,
+        flags: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the normalised expression of every gene (the official ``gene_expression`` output).
 
@@ -634,6 +718,11 @@ class SCFoundationModule(ClassifierMixin, BaseModuleClass):
         ----------
         values, positions, lengths
             The token batch.
+        flags
+            Perturbation flags ``[batch, n_genes]``, given to the encoder and the decoder (see
+            :meth:`encode` and :meth:`decode`): the predicted expression of each cell after
+            perturbing its flagged genes. Without flags (or with none set) the output is that
+            of the network without ``pert_encoder``.
 
         Returns
         -------
@@ -641,7 +730,8 @@ class SCFoundationModule(ClassifierMixin, BaseModuleClass):
 
         """
         head = self._require_head()
-        y = self.decode(self.encode(values, positions, lengths), positions, lengths)
+        hidden = self.encode(values, positions, lengths, flags=flags)
+        y = self.decode(hidden, positions, lengths, flags=flags)
         return head(y[:, : self.n_genes]).squeeze(-1)
 
     def gene_embeddings(
@@ -762,6 +852,15 @@ class SCFoundationModule(ClassifierMixin, BaseModuleClass):
     def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict:
         if self.objective == "classification":
             return {k: tensors[k] for k in ("values", "positions", "lengths")}
+        if self.objective == "perturbation":
+            missing = [k for k in ("values", "positions", "lengths", FLAGS_KEY) if k not in tensors]
+            if missing:
+                raise KeyError(
+                    f"The minibatch lacks {missing}; perturbation training needs the control "
+                    "cells' token batch (values, positions, lengths), the perturbation flags "
+                    "[batch, n_genes] and the targets; have the model class pair the cells."
+                )
+            return {k: tensors[k] for k in ("values", "positions", "lengths", FLAGS_KEY)}
         if COUNTS_KEY not in tensors:
             raise KeyError(
                 f"The minibatch has no {COUNTS_KEY!r} (raw counts [batch, n_genes] aligned to the "
@@ -779,11 +878,14 @@ class SCFoundationModule(ClassifierMixin, BaseModuleClass):
         values: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         lengths: torch.Tensor | None = None,
+        flags: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Corrupt the counts (:meth:`corrupt`) and encode the visible tokens.
 
         With ``objective="classification"`` the token batch (``values``, ``positions``,
-        ``lengths``) is classified instead: ``{"logits": [batch, n_labels]}``.
+        ``lengths``) is classified instead: ``{"logits": [batch, n_labels]}``. With
+        ``objective="perturbation"`` the token batch (the control cells) is encoded with the
+        perturbation ``flags`` (see :meth:`encode`).
 
         Parameters
         ----------
@@ -793,16 +895,22 @@ class SCFoundationModule(ClassifierMixin, BaseModuleClass):
             Apply the down-sampling and masking; `False` encodes every expressed gene with
             ``T = S = log10(total)`` and nothing is predicted.
         values, positions, lengths
-            The token batch (classification only).
+            The token batch (classification and perturbation only).
+        flags
+            Perturbation flags ``[batch, n_genes]`` (perturbation only).
 
         Returns
         -------
         ``hidden`` (encoder states), ``positions``, ``lengths``, ``masked``, ``target`` and
-        ``valid`` (see :meth:`corrupt`).
+        ``valid`` (see :meth:`corrupt`); for perturbation ``hidden``, ``positions``,
+        ``lengths`` and ``flags``.
 
         """
         if self.objective == "classification":
             return {"logits": self.classify(values, positions, lengths)}
+        if self.objective == "perturbation":
+            hidden = self.encode(values, positions, lengths, flags=flags)
+            return {"hidden": hidden, "positions": positions, "lengths": lengths, "flags": flags}
         if mask:
             batch = self.corrupt(counts)
         else:
@@ -832,6 +940,9 @@ class SCFoundationModule(ClassifierMixin, BaseModuleClass):
     ) -> dict:
         if self.objective == "classification":
             return {"logits": inference_outputs["logits"]}
+        if self.objective == "perturbation":
+            keys = ("hidden", "positions", "lengths", "flags")
+            return {k: inference_outputs[k] for k in keys}
         return {
             "hidden": inference_outputs["hidden"],
             "positions": inference_outputs["positions"],
@@ -847,6 +958,7 @@ class SCFoundationModule(ClassifierMixin, BaseModuleClass):
         lengths: torch.Tensor | None = None,
         masked: torch.Tensor | None = None,
         logits: torch.Tensor | None = None,
+        flags: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Decode all positions and predict the expression of every gene.
 
@@ -862,6 +974,8 @@ class SCFoundationModule(ClassifierMixin, BaseModuleClass):
             Boolean ``[batch, n_genes + 2]``, positions given the mask embedding.
         logits
             Class logits (classification only; passed through).
+        flags
+            Perturbation flags ``[batch, n_genes]`` (perturbation only, see :meth:`decode`).
 
         Returns
         -------
@@ -871,7 +985,7 @@ class SCFoundationModule(ClassifierMixin, BaseModuleClass):
         if self.objective == "classification":
             return {"logits": logits}
         head = self._require_head()
-        y = self.decode(hidden, positions, lengths, masked=masked)
+        y = self.decode(hidden, positions, lengths, masked=masked, flags=flags)
         return {"expression": head(y[:, : self.n_genes]).squeeze(-1)}
 
     def loss(
@@ -886,6 +1000,13 @@ class SCFoundationModule(ClassifierMixin, BaseModuleClass):
         normalised expression over its masked genes is ``reconstruction_loss`` (0 for a cell
         with nothing masked or without counts); ``loss`` is its mean over the cells with at
         least one masked gene (0 when there are none).
+
+        With ``objective="perturbation"`` (scGPT's perturbation loss) the minibatch holds the
+        target expression ``"target"`` ``[batch, n_genes]`` (the perturbed cell's normalised
+        expression) and ``"measured"`` (bool ``[batch, n_genes]``, the genes the data measure;
+        genes of the list that the data lack are not zeros and stay out of the loss):
+        ``reconstruction_loss`` is each cell's mean squared error over its measured genes and
+        ``loss`` its mean over the cells.
 
         Parameters
         ----------
@@ -903,6 +1024,8 @@ class SCFoundationModule(ClassifierMixin, BaseModuleClass):
         """
         if self.objective == "classification":
             return self._classification_loss(tensors, generative_outputs["logits"])
+        if self.objective == "perturbation":
+            return self._perturbation_loss(tensors, generative_outputs["expression"])
         pred = generative_outputs["expression"].float()
         target = inference_outputs["target"].to(pred.dtype)
         masked = inference_outputs["masked"][:, : self.n_genes]
@@ -912,6 +1035,28 @@ class SCFoundationModule(ClassifierMixin, BaseModuleClass):
         per_cell = ((pred - target) * m).pow(2).sum(dim=1) / n_masked.clamp_min(1.0)
         used = n_masked > 0
         loss = per_cell.sum() / used.sum().clamp_min(1).to(pred.dtype)
+        return LossOutput(loss=loss, reconstruction_loss=per_cell)
+
+    def _perturbation_loss(
+        self, tensors: dict[str, torch.Tensor], pred: torch.Tensor
+    ) -> LossOutput:
+        missing = [k for k in (TARGET_KEY, MEASURED_KEY) if k not in tensors]
+        if missing:
+            raise KeyError(
+                f"The minibatch lacks {missing}: perturbation training needs the target "
+                "expression and the measured genes, [batch, n_genes] each."
+            )
+        pred = pred.float()
+        target = tensors[TARGET_KEY].to(device=pred.device, dtype=pred.dtype)
+        measured = tensors[MEASURED_KEY].to(device=pred.device, dtype=pred.dtype)
+        if target.shape != pred.shape or measured.shape != pred.shape:
+            raise ValueError(
+                f"target and measured must have the prediction's shape {tuple(pred.shape)}, got "
+                f"{tuple(target.shape)} and {tuple(measured.shape)}."
+            )
+        n = measured.sum(dim=1)
+        per_cell = ((pred - target).pow(2) * measured).sum(dim=1) / n.clamp_min(1.0)
+        loss = per_cell.mean() if per_cell.numel() else pred.sum() * 0.0
         return LossOutput(loss=loss, reconstruction_loss=per_cell)
 
     def sample(self, *args, **kwargs):
