@@ -202,3 +202,22 @@ def test_finetune_needs_labels(data):
     model = SCBERT(a, gene_panel=data[1], **TINY)
     with pytest.raises(ValueError, match="labels"):
         model.train(mode="finetune", max_epochs=1)
+
+
+def test_learned_position_table_trains_and_round_trips(data, tmp_path):
+    adata = data[0].copy()
+    SCBERT.setup_anndata(adata, gene_key="gene_symbol")
+    torch.manual_seed(0)
+    model = SCBERT(adata, gene_panel=data[1], position_embedding="learned", **TINY)
+    table = model.module.pos_emb.emb.weight
+    assert table.requires_grad and table.dtype == torch.float32
+    before = table.detach().clone()
+    model.train(max_epochs=1, batch_size=16, enable_progress_bar=False)
+    after = model.module.pos_emb.emb.weight.detach()
+    assert not torch.equal(before, after)
+    z = model.get_latent_representation()
+    model.save(tmp_path / "m", overwrite=True)
+    loaded = SCBERT.load(tmp_path / "m", adata=adata)
+    np.testing.assert_allclose(loaded.get_latent_representation(), z, atol=1e-6)
+    with pytest.raises(ValueError, match="position_embedding"):
+        SCBERTModule(n_genes=10, position_embedding="sinusoidal", **TINY)

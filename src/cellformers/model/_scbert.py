@@ -26,6 +26,11 @@ from ._base import FoundationModelBase
 logger = logging.getLogger(__name__)
 
 _POOLINGS = ("mean", "expressed", "last")
+_POSITION_NAMES = {
+    True: "gene2vec positions",
+    False: "no position table",
+    "learned": "learned positions",
+}
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,9 @@ class SCBERT(FoundationModelBase):
     position_embedding
         Build the position table; by default only when ``gene2vec`` is given. ``True`` without
         ``gene2vec`` builds a zero table that a checkpoint fills (:meth:`from_pretrained`).
+        ``"learned"`` learns the table with the network (from ``gene2vec`` when given, else
+        from random vectors): the choice for a model trained from scratch on a panel without
+        gene2vec vectors, which otherwise cannot tell its genes apart.
     n_bins
         Highest expression token (official ``bin_num`` = 5); the vocabulary has ``n_bins + 2``
         tokens, the last being ``[MASK]``.
@@ -156,7 +164,7 @@ class SCBERT(FoundationModelBase):
         registry: dict | None = None,
         gene_panel: Sequence[str] | str | os.PathLike | None = None,
         gene2vec: np.ndarray | torch.Tensor | str | os.PathLike | None = None,
-        position_embedding: bool | None = None,
+        position_embedding: bool | Literal["learned"] | None = None,
         n_bins: int = 5,
         dim: int = 200,
         depth: int = 6,
@@ -197,7 +205,9 @@ class SCBERT(FoundationModelBase):
         self.n_bins = int(n_bins)
         self._module_kwargs = {
             "n_genes": len(gene_panel),
-            "position_embedding": bool(position_embedding),
+            "position_embedding": (
+                position_embedding if position_embedding == "learned" else bool(position_embedding)
+            ),
             "num_tokens": self.n_bins + 2,
             "dim": dim,
             "depth": depth,
@@ -223,7 +233,7 @@ class SCBERT(FoundationModelBase):
         self._model_summary_string = (
             f"scBERT with a {len(gene_panel):,}-gene panel, dim={dim}, {depth} layers, "
             f"{heads} heads x {dim_head}, {self.n_bins + 2} tokens, "
-            f"{'gene2vec positions' if position_embedding else 'no position table'}, "
+            f"{_POSITION_NAMES[self._module_kwargs['position_embedding']]}, "
             + (f"{n_labels}-class fine-tuning head" if n_labels else "masked-expression head")
         )
         # the position table travels in the module's state dict, not in the init parameters

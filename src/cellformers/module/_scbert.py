@@ -29,22 +29,25 @@ SCBERT_N_GENES = 16906
 
 
 class Gene2VecPositionalEmbedding(nn.Module):
-    """Frozen position table: row ``i`` is the gene2vec vector of panel gene ``i``.
+    """Position table: row ``i`` is the vector of panel gene ``i`` (gene2vec, or learned).
 
     The table is held as ``emb.weight`` (a frozen :class:`torch.nn.Embedding`, key
     ``pos_emb.emb.weight``) in float64, as in the official checkpoint, whose constructor appends
-    one zero row for the extra last position.
+    one zero row for the extra last position. A ``trainable`` table is learned with the rest
+    of the network (for an scBERT-architecture model trained on a panel without gene2vec).
 
     Parameters
     ----------
     table
         ``[n_positions, dim]``.
+    trainable
+        Learn the table instead of keeping it fixed.
 
     """
 
-    def __init__(self, table: torch.Tensor):
+    def __init__(self, table: torch.Tensor, *, trainable: bool = False):
         super().__init__()
-        self.emb = nn.Embedding.from_pretrained(table, freeze=True)
+        self.emb = nn.Embedding.from_pretrained(table, freeze=not trainable)
 
     def forward(self, length: int) -> torch.Tensor:
         """Rows ``0 .. length - 1`` of the table, ``[length, dim]``."""
@@ -162,7 +165,11 @@ class SCBERTModule(ClassifierMixin, BaseModuleClass):
         does). `None` gives zeros, to be replaced by loading a checkpoint. Kept frozen in
         float64.
     position_embedding
-        Add the gene2vec table (official ``g2v_position_emb``); `False` builds no ``pos_emb``.
+        Add the gene2vec table (official ``g2v_position_emb``); `False` builds no ``pos_emb``
+        (the official model then cannot tell panel genes apart except through the fine-tuning
+        head); ``"learned"`` learns the table (float32, initialised from ``gene2vec`` when
+        given, else from a standard normal), so a model trained from scratch on any panel
+        knows which gene each position holds.
     num_tokens
         Number of tokens (``bin_num + 2`` = 7).
     dim
@@ -205,7 +212,7 @@ class SCBERTModule(ClassifierMixin, BaseModuleClass):
         n_genes: int = SCBERT_N_GENES,
         *,
         gene2vec: np.ndarray | torch.Tensor | None = None,
-        position_embedding: bool = True,
+        position_embedding: bool | str = True,
         num_tokens: int = 7,
         dim: int = 200,
         depth: int = 6,
@@ -257,11 +264,21 @@ class SCBERTModule(ClassifierMixin, BaseModuleClass):
         self.replace_prob = float(replace_prob)
 
         self.token_emb = nn.Embedding(num_tokens, dim)
-        self.pos_emb = (
-            Gene2VecPositionalEmbedding(_position_table(gene2vec, self.n_genes, dim))
-            if position_embedding
-            else None
-        )
+        if position_embedding not in (True, False, "learned"):
+            raise ValueError(
+                f"position_embedding must be True, False or 'learned', got {position_embedding!r}."
+            )
+        self.position_embedding = position_embedding
+        if position_embedding == "learned":
+            if gene2vec is None:
+                table = torch.randn(self.n_genes + 1, dim)
+            else:
+                table = _position_table(gene2vec, self.n_genes, dim).float()
+            self.pos_emb = Gene2VecPositionalEmbedding(table, trainable=True)
+        elif position_embedding:
+            self.pos_emb = Gene2VecPositionalEmbedding(_position_table(gene2vec, self.n_genes, dim))
+        else:
+            self.pos_emb = None
         if not position_embedding and gene2vec is not None:
             raise ValueError("gene2vec is given but position_embedding=False.")
         self.dropout = nn.Dropout(emb_dropout)
