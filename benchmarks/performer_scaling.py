@@ -41,8 +41,11 @@ the libraries, with 2 torch threads. Peak memory is the rise of the resident set
 inference: the high-water mark (``VmHWM``) is reset to the current RSS (Linux
 ``/proc/self/clear_refs``) after the network and the inputs are built, and read after the first
 forward pass and the repeats. The forward pass is repeated while the passes so far took less
-than 12 s (at most 6 passes); time is the best pass (a single pass for the slow configurations).
-The results go to ``benchmarks/results/performer_scaling.md``.
+than 12 s (at most 6 passes); time is the best pass (a single pass for the slow configurations),
+as wall-clock and as CPU time of the process. The speed ratios to ``performer_pytorch`` come from
+one process per comparison that alternates the two Performer stacks on the same input and compares
+CPU times, which other jobs on shared cores disturb less than wall-clock times. The results go to
+``benchmarks/results/performer_scaling.md``.
 """
 
 from __future__ import annotations
@@ -323,10 +326,11 @@ def measure(config: dict, out_dir: str, queue) -> None:
             base = _status_mb("VmRSS")
             _reset_peak()
             with torch.inference_mode():
-                times = []
+                times, cpu = [], []
                 while not times or (sum(times) < budget and len(times) < 6):
-                    start = time.perf_counter()
+                    start, start_cpu = time.perf_counter(), time.process_time()
                     result = forward()
+                    cpu.append(time.process_time() - start_cpu)
                     times.append(time.perf_counter() - start)
                     if len(times) == 1:
                         out = result
@@ -334,6 +338,7 @@ def measure(config: dict, out_dir: str, queue) -> None:
             record = {
                 **config,
                 "seconds": min(times),
+                "cpu_seconds": min(cpu),
                 "repeats": len(times),
                 "peak_mb": _status_mb("VmHWM") - base,
                 "weight_mb": weight_mb,
@@ -513,7 +518,9 @@ def write_results(records, args, flops, total, ref_version) -> list[str]:
         "to the RSS once weights and inputs exist, read after the last pass): activations and "
         "workspace, not the weights (listed separately). Time: best pass (passes repeated while "
         f"their total is under {TIME_BUDGET:.0f} s, {LAYER_BUDGET:.0f} s for one layer, at most "
-        "6; a single pass for the slow configurations). `performer_pytorch / cellformers "
+        "6; a single pass for the slow configurations); `CPU s per cell`: the best pass's CPU "
+        "time of the process (`time.process_time`, both threads) over the cells. "
+        "`performer_pytorch / cellformers "
         "(stack, CPU time)`: ratio of the best CPU times (`time.process_time`, both threads; "
         "less sensitive than wall-clock time to other jobs on the shared cores) of the two "
         "Performer stacks alone (same weights, same random input, batch 1) in one process that "
@@ -536,10 +543,10 @@ def write_results(records, args, flops, total, ref_version) -> list[str]:
         lines.extend([f"## {title}", "", note, ""])
         lines.append(
             "| implementation | cells | tokens per cell | cells/s | time per batch (s) | "
-            "performer_pytorch / cellformers (stack, CPU time) | peak MB above weights and inputs | "
-            "weights MB | max abs diff from cellformers (max abs output) |"
+            "CPU s per cell | performer_pytorch / cellformers (stack, CPU time) | peak MB above "
+            "weights and inputs | weights MB | max abs diff from cellformers (max abs output) |"
         )
-        lines.append("|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
         for r in sorted(rows, key=lambda r: (r["length"], r["batch"], r["impl"] != "cellformers")):
             ratio = diff = ""
             if r["impl"] == "performer_pytorch":
@@ -552,8 +559,8 @@ def write_results(records, args, flops, total, ref_version) -> list[str]:
                 diff = f"{d[0]:.1e} ({d[1]:.2f})" if d else ""
             lines.append(
                 f"| {r['impl']} | {r['batch']} | {r['length']:,} | {r['cells_per_s']:.3f} | "
-                f"{r['seconds']:.2f} | {ratio} | {r['peak_mb']:.0f} | {r['weight_mb']:.0f} | "
-                f"{diff} |"
+                f"{r['seconds']:.2f} | {r['cpu_seconds'] / r['batch']:.1f} | {ratio} | "
+                f"{r['peak_mb']:.0f} | {r['weight_mb']:.0f} | {diff} |"
             )
         lines.append("")
 
@@ -596,13 +603,13 @@ def write_results(records, args, flops, total, ref_version) -> list[str]:
             "package's Performer; `softmax, SDPA`: `cellformers.nn.TransformerEncoderLayer(512, "
             "8, 2048, norm_first=True)` (PyTorch `scaled_dot_product_attention`); `softmax, "
             "explicit scores`: `softmax(q k^T / 8) v` with the `[8, L, L]` score matrix formed "
-            f"(run up to {args.max_explicit:,} positions). `vs Performer`: time over the time of "
-            "`cellformers Performer` (separate processes), except for `performer_pytorch`, where "
-            "it is the alternating CPU-time ratio.",
+            f"(run up to {args.max_explicit:,} positions). `vs Performer`: CPU time over the CPU "
+            "time of `cellformers Performer` (separate processes), except for "
+            "`performer_pytorch`, where it is the alternating CPU-time ratio.",
             "",
-            "| positions L | implementation | time (s) | vs Performer | peak MB | "
+            "| positions L | implementation | time (s) | CPU time (s) | vs Performer | peak MB | "
             "peak KB per position | max abs diff from cellformers (max abs output) |",
-            "|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|",
         ]
         perf = {r["length"]: r for r in layer if r["impl"] == "cellformers Performer"}
         order = ["cellformers Performer", "performer_pytorch", "softmax, SDPA"]
@@ -610,7 +617,7 @@ def write_results(records, args, flops, total, ref_version) -> list[str]:
             layer, key=lambda r: (r["length"], order.index(r["impl"]) if r["impl"] in order else 9)
         ):
             base = perf.get(r["length"])
-            ratio = f"{r['seconds'] / base['seconds']:.2f}x" if base else ""
+            ratio = f"{r['cpu_seconds'] / base['cpu_seconds']:.2f}x" if base else ""
             diff = ""
             if r["impl"] == "performer_pytorch":
                 pr = _pair_ratio(records, "layer", r["length"])
@@ -620,17 +627,18 @@ def write_results(records, args, flops, total, ref_version) -> list[str]:
                 d = _diff(ok, "layer", r["impl"], r["length"])
                 diff = f"{d[0]:.1e} ({d[1]:.2f})" if d else ""
             lines.append(
-                f"| {r['length']:,} | {r['impl']} | {r['seconds']:.3f} | {ratio} | "
+                f"| {r['length']:,} | {r['impl']} | {r['seconds']:.3f} | {r['cpu_seconds']:.3f} | "
+                f"{ratio} | "
                 f"{r['peak_mb']:.0f} | {r['peak_mb'] * 1024 / r['length']:.1f} | {diff} |"
             )
         lines += [
             "",
             "Fits over the lengths run (least squares): `peak MB = a + b L` (b in KB per "
             "position, R^2 of that straight line), and the exponents p of `peak ~ L^p` and "
-            "`time ~ L^p` over the lengths >= 4,096 (1: linear, 2: quadratic).",
+            "`CPU time ~ L^p` over the lengths >= 4,096 (1: linear, 2: quadratic).",
             "",
             "| implementation | lengths | b: KB per position | R^2 (straight line) | "
-            "memory exponent | time exponent |",
+            "memory exponent | CPU-time exponent |",
             "|---|---|---|---|---|---|",
         ]
         for impl in sorted({r["impl"] for r in layer}):
@@ -639,7 +647,7 @@ def write_results(records, args, flops, total, ref_version) -> list[str]:
                 continue
             L = np.array([r["length"] for r in rows], dtype=float)
             peak = np.array([r["peak_mb"] for r in rows])
-            sec = np.array([r["seconds"] for r in rows])
+            sec = np.array([r["cpu_seconds"] for r in rows])
             b, a = np.polyfit(L, peak, 1)
             r2 = 1 - np.sum((peak - (a + b * L)) ** 2) / np.sum((peak - peak.mean()) ** 2)
             big = L >= 4096
@@ -724,14 +732,14 @@ def summary(ok: list[dict], records: list[dict], fits: dict) -> list[str]:
         b, r2, mem_p, time_p, top = fits["cellformers Performer"]
         out.append(
             f"- One Performer layer (ours): peak memory on a straight line in L (R^2 {r2:.4f}, "
-            f"{b:.1f} KB per position), memory exponent {mem_p:.2f} and time exponent "
+            f"{b:.1f} KB per position), memory exponent {mem_p:.2f} and CPU-time exponent "
             f"{time_p:.2f} over L >= 4,096"
             + (f": linear growth up to {top:,} positions." if max(mem_p, time_p) < 1.2 else ".")
         )
     if "softmax, explicit scores" in fits:
         b, r2, mem_p, time_p, top = fits["softmax, explicit scores"]
         out.append(
-            f"- Softmax with the score matrix formed: memory exponent {mem_p:.2f}, time exponent "
+            f"- Softmax with the score matrix formed: memory exponent {mem_p:.2f}, CPU-time exponent "
             f"{time_p:.2f} (up to {top:,} positions, the longest run here)"
             + (": memory grows quadratically." if mem_p > 1.7 else ".")
         )
@@ -739,7 +747,7 @@ def summary(ok: list[dict], records: list[dict], fits: dict) -> list[str]:
         b, r2, mem_p, time_p, top = fits["softmax, SDPA"]
         out.append(
             f"- Softmax through PyTorch's `scaled_dot_product_attention`: memory exponent "
-            f"{mem_p:.2f}, time exponent {time_p:.2f}"
+            f"{mem_p:.2f}, CPU-time exponent {time_p:.2f}"
             + (
                 " (the fused CPU kernel does not keep the score matrix: memory stays about "
                 "linear, the quadratic cost shows in time)."
