@@ -170,6 +170,10 @@ def test_training_pairs_controls_with_targets(papalexi, monkeypatch):
         model.train(mode="perturbation", train_perturbations=[CONTROL], max_epochs=1)
     with pytest.raises(ValueError, match="apply to mode='perturbation'"):
         model.train(train_perturbations=TRAIN, max_epochs=1)
+    # targets outside the model's gene list cannot be flagged
+    measured_only = SCFoundation(adata, gene_list=list(adata.var_names), **TINY)
+    with pytest.raises(ValueError, match=r"\['IRF1', 'ATF2'\].*not in the model's gene list"):
+        measured_only.train(mode="perturbation", train_perturbations=TRAIN, max_epochs=1)
 
 
 def test_loss_decreases_and_control_prediction(trained):

@@ -258,6 +258,15 @@ class SCFoundation(FoundationModelBase):
     ... )
     >>> adata.obsm["X_scfoundation"] = model.get_latent_representation()  # 3,072-d
 
+    A perturbation-response predictor (scGPT's perturbation recipe on this network):
+
+    >>> cf.model.SCFoundation.setup_anndata(
+    ...     adata, perturbation_key="perturbation", control_label="non-targeting"
+    ... )
+    >>> model = cf.model.SCFoundation(adata, encoder_dim=64, encoder_depth=2, decoder_dim=32)
+    >>> model.train(mode="perturbation", train_perturbations=["STAT1", "JAK2"], max_epochs=3)
+    >>> predicted = model.predict_perturbation(["IRF1", "STAT1+JAK2"])  # perturbations x genes
+
     """
 
     _module_cls = SCFoundationModule
