@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import sys
 import time
 from importlib.metadata import version
@@ -197,7 +198,7 @@ def write_results(scores, reps, notes, metric_seconds, args, total_seconds) -> N
         f"{version('scvi-tools')}, scib-metrics {version('scib-metrics')}, scanpy "
         f"{version('scanpy')}; CPU, float32, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}. "
         f"Whole run {total_seconds / 60:.1f} min (metrics {metric_seconds:.0f} s). Produced by "
-        f"`{' '.join(['python benchmarks/integration.py', *args.argv])}`.",
+        f"`{shlex.join(['python', 'benchmarks/integration.py', *args.argv])}`.",
         "",
         "## Setup",
         "",
