@@ -245,3 +245,14 @@ def test_finetune_head_on_pretrained_checkpoint(data, checkpoint, tmp_path):
     normed = _setup(normed, pre_normalized="T")
     with pytest.raises(ValueError, match="raw single-cell counts"):
         SCFoundation(normed, **TINY).train(max_epochs=1)
+
+
+def test_batch_adversarial_pretraining(data):
+    adata, _ = data
+    adata = _setup(adata, batch_key="batch")
+    scvi.settings.seed = 0
+    model = SCFoundation(adata, **TINY)
+    model.train(max_epochs=1, batch_size=8, batch_adversarial=0.5, enable_progress_bar=False)
+    ce = model.history["batch_adversary_ce_train"].to_numpy(dtype=float).ravel()
+    assert np.isfinite(ce).all()
+    assert type(model.module).__name__ == "SCFoundationModule"

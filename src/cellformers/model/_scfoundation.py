@@ -19,7 +19,7 @@ from scvi.dataloaders._data_splitting import validate_data_split
 from scvi.utils import setup_anndata_dsp
 
 from ..genes import GeneVocab, match_genes, read_gene_list
-from ..module import SCFoundationModule
+from ..module import SCFoundationModule, gather_scfoundation_tokens
 from ..pretrained import load_scfoundation_state_dict, read_scfoundation_checkpoint
 from ..tokenize import (
     panel_columns,
@@ -778,7 +778,9 @@ class SCFoundation(FoundationModelBase):
             Passed to :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` and Lightning's
             ``Trainer`` (``train_size``, ``accelerator``, ``max_time`` …). With
             ``early_stopping=True`` fine-tuning stops when the validation macro-F1
-            (``macro_f1_validation``) stops improving.
+            (``macro_f1_validation``) stops improving. ``batch_adversarial=w``
+            also trains an adversarial batch discriminator on the cell embedding with
+            weight ``w`` (batch removal for integration; needs ``batch_key``).
 
         """
         if mode != "perturbation" and (train_perturbations is not None or indices is not None):
@@ -1055,9 +1057,19 @@ class SCFoundation(FoundationModelBase):
         return columns, cols[columns]
 
     def _perturbation_embedding(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "values" not in tensors:  # pretraining minibatches hold counts in the gene order
+            counts = tensors["counts"].float()
+            total = counts.sum(1).clamp_min(1.0)
+            depth = torch.log10(total)  # T = S
+            x = torch.log1p(counts / total[:, None] * self.module.target_sum)
+            values, positions, lengths = gather_scfoundation_tokens(x, depth, depth)
+            tensors = {"values": values, "positions": positions, "lengths": lengths}
         return self.module.embed_cells(
             tensors["values"], tensors["positions"], tensors["lengths"], pooling="all"
         )
+
+    def _cell_embedding_dim(self) -> int:
+        return 4 * self.module.encoder_dim
 
     def _perturbation_expression(self, adata: AnnData):
         columns, positions = self._genes_in_data(adata)
