@@ -1,6 +1,7 @@
 """kNN label transfer on CellBench with scBERT- and scFoundation-architecture models trained from scratch.
 
-Run from the repository root (about 12 minutes on 2 CPU cores):
+Run from the repository root (11-13 minutes on 2 shared CPU cores; ``--quick``: a 1-minute smoke
+test that writes nothing):
 
     python benchmarks/knn_scbert_scfoundation.py
 
@@ -287,7 +288,9 @@ def write_results(results: dict, dims: dict, notes: list[str], args, total: floa
         f"- scBERT: dim {arch_b['dim']}, {arch_b['depth']} Performer layer(s), {arch_b['heads']} "
         f"heads x {arch_b['dim_head']}, 7 tokens (5 bins), panel = the {args.n_genes:,} genes "
         f"(+1 position); masked-expression pretraining {args.scbert_epochs} epochs, batch 16, lr "
-        f"{args.lr:g}. `no position table`: the default of `SCBERT(adata)`; `random gene "
+        f"{args.lr:g}. `no position table`: the default of `SCBERT(adata)` (the network then "
+        "cannot tell genes apart, so a pooled embedding depends only on how many genes fall in "
+        "each expression bin); `random gene "
         f"vectors`: `gene2vec=` a frozen N(0, 1) table [{args.n_genes:,}, {arch_b['dim']}].",
         f"- scFoundation: encoder {arch_f['encoder_dim']} x {arch_f['encoder_depth']} layer(s) "
         f"({arch_f['encoder_heads']} heads, feed-forward {arch_f['encoder_d_hid']}), Performer "
