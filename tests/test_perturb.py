@@ -125,3 +125,19 @@ def test_perturb_errors(cells):
         model.perturb(genes=[adata.var_names[0]], mode="activate")
     with pytest.raises(ValueError, match="factor"):
         model.perturb(genes=[adata.var_names[0]], mode="knockdown", factor=2)
+
+
+def test_scgpt_reports_expression_change_of_its_gene_tokens(cells):
+    model, adata = _trained(SCGPT, cells, **SCGPT_TINY)
+    X = adata.X.toarray()
+    gene = adata.var_names[np.argmax((X > 0).sum(0))]
+    out = model.perturb(genes=[gene, ()], mode="delete")
+    change = out.varm["expression_change"]
+    assert (change.loc["control"] == 0).all()
+    assert np.isfinite(change.to_numpy()).all()
+    predict, genes = model._perturbation_expression(adata)
+    base = model._map_cells(adata, None, 16, predict)
+    col = list(genes).index(gene)
+    changed = out.layers["changed"][:, 0]
+    expected = -base[changed, col].mean()  # the deleted gene's prediction becomes 0
+    np.testing.assert_allclose(change.loc[gene, gene], expected, rtol=1e-5)

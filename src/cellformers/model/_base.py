@@ -670,8 +670,10 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         whether the perturbation changed the cell's values, ``var`` the mean shift over the
         changed cells and their number, and, for models with an expression decoder,
         ``varm["expression_change"]`` (a DataFrame of perturbations x genes: the mean over the
-        cells of the predicted expression with the perturbation minus without; a deleted
-        gene's own prediction is set to 0, since it is not expressed by construction);
+        cells of the predicted expression with the perturbation minus without, in the model's
+        expression units, over the cells where the model predicts the gene; a deleted gene's
+        own prediction is set to 0 in the changed cells, since it is not expressed by
+        construction);
         ``uns["perturb"]`` holds the settings.
 
         """
@@ -707,10 +709,12 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             shift[:, j] = np.where(changed[:, j], 1.0 - cos.numpy(), 0.0)
             if expression is not None:
                 expr = np.where(changed[:, j, None], expr, base_expr)
-                if mode == "delete":
+                if mode == "delete":  # a deleted gene is not expressed in the changed cells
                     own = np.isin(expression[1], np.asarray(adata.var_names)[cols])
-                    expr[:, own] = 0.0
-                change[j] = (expr - base_expr).mean(0)
+                    expr[np.ix_(changed[:, j], own)] = 0.0
+                diff = expr - base_expr  # NaN where a model predicts no value for a gene
+                seen = np.isfinite(diff)
+                change[j] = np.where(seen, diff, 0.0).sum(0) / np.maximum(seen.sum(0), 1)
         var = pd.DataFrame(
             {
                 "n_cells_changed": changed.sum(0),

@@ -724,6 +724,37 @@ class SCGPT(FoundationModelBase):
     def _cell_embedding_dim(self) -> int:
         return self.module.d_model
 
+    def _perturbation_expression(self, adata: AnnData):
+        """Expression-decoder predictions (binned-value units) of the cells' gene tokens.
+
+        scGPT predicts a value for every gene token of a cell (with ``include_zero_gene``, for
+        every matched gene); genes that are not among a cell's tokens get no prediction (NaN).
+        """
+        ids = self._gene_token_ids(adata)
+        cols = np.flatnonzero(ids >= 0)
+        cols = np.sort(cols[np.unique(ids[cols], return_index=True)[1]])  # first column per gene
+        lookup = torch.full((len(self.vocab),), -1, dtype=torch.long)
+        lookup[torch.as_tensor(ids[cols])] = torch.arange(len(cols))
+
+        def predict(t: dict[str, torch.Tensor]) -> torch.Tensor:
+            batch_labels = t.get(REGISTRY_KEYS.BATCH_KEY)
+            inf = self.module.inference(
+                t["genes"], t["values"], batch_labels=batch_labels, mask=False
+            )
+            pred = self.module.generative(
+                inf["hidden"],
+                inf["cell_emb"],
+                inf["gene_embs"],
+                batch_labels=inf.get("batch_labels"),
+            )["mlm_pred"].float()
+            out = pred.new_full((pred.shape[0], len(cols)), float("nan"))
+            where = lookup.to(pred.device)[t["genes"].long()]
+            keep = where >= 0
+            out[keep.nonzero(as_tuple=True)[0], where[keep]] = pred[keep]
+            return out
+
+        return predict, adata.var_names[cols]
+
     # ------------------------------------------------------------------ query mapping
     @classmethod
     def load_query_data(
