@@ -12,10 +12,11 @@ fixed:
 
 * ``scBERT``: ``cellformers.model.SCBERT`` with a small network (``--scbert-size``) over the
   default gene panel (the registered genes, one position per gene plus the extra last token),
-  pretrained from scratch with the masked-expression objective (``model.train()``). Two position
-  settings: the default, without a position table (the official ``g2v_position_emb=False``), and
-  a frozen table of fixed random Gaussian gene vectors passed as ``gene2vec`` (the published
-  gene2vec vectors are not available for this panel), which lets the network tell genes apart;
+  pretrained from scratch with the masked-expression objective (``model.train()``). Three
+  position settings: the default, without a position table (the official
+  ``g2v_position_emb=False``), a frozen table of fixed random Gaussian gene vectors passed as
+  ``gene2vec`` (the published gene2vec vectors are not available for this panel), and a learned
+  table (``position_embedding="learned"``); the last two let the network tell genes apart;
 * ``scFoundation``: ``cellformers.model.SCFoundation`` with a small encoder and Performer
   decoder over the default gene list (the registered genes), pretrained from scratch with
   read-depth-aware masked autoencoding (``model.train()``);
@@ -195,12 +196,17 @@ def scbert_runs(adata, size: str, epochs: int, lr: float) -> tuple[dict, list[st
     )
     rng = np.random.default_rng(SEED)
     gene_vectors = rng.standard_normal((bdata.n_vars, arch["dim"]))
-    for positions, gene2vec in (("no position table", None), ("random gene vectors", gene_vectors)):
+    variants = (
+        ("no position table", None, None),
+        ("random gene vectors", gene_vectors, None),
+        ("learned positions", None, "learned"),
+    )
+    for positions, gene2vec, position_embedding in variants:
         label = f"scBERT ({positions})"
 
-        def build(gene2vec=gene2vec):
+        def build(gene2vec=gene2vec, position_embedding=position_embedding):
             torch.manual_seed(SEED)  # the same initial weights untrained and pretrained
-            return SCBERT(bdata, gene2vec=gene2vec, **arch)
+            return SCBERT(bdata, gene2vec=gene2vec, position_embedding=position_embedding, **arch)
 
         model = build()
         model.is_trained_ = True  # embed with the random initial weights
@@ -291,7 +297,8 @@ def write_results(results: dict, dims: dict, notes: list[str], args, total: floa
         f"{args.lr:g}. `no position table`: the default of `SCBERT(adata)` (the network then "
         "cannot tell genes apart, so a pooled embedding depends only on how many genes fall in "
         "each expression bin); `random gene "
-        f"vectors`: `gene2vec=` a frozen N(0, 1) table [{args.n_genes:,}, {arch_b['dim']}].",
+        f"vectors`: `gene2vec=` a frozen N(0, 1) table [{args.n_genes:,}, {arch_b['dim']}]; "
+        "`learned positions`: `position_embedding='learned'` (a trainable table, N(0, 1) start).",
         f"- scFoundation: encoder {arch_f['encoder_dim']} x {arch_f['encoder_depth']} layer(s) "
         f"({arch_f['encoder_heads']} heads, feed-forward {arch_f['encoder_d_hid']}), Performer "
         f"decoder {arch_f['decoder_dim']} x {arch_f['decoder_depth']} ({arch_f['decoder_heads']} "
