@@ -236,13 +236,13 @@ def hvg_logistic_regression(train, test, genes, label, class_weight) -> tuple[np
 
 
 # ---------------------------------------------------------------------------- models
-def build(family: str, train, test, genes, label, gene_key, dicts):
+def build(family: str, train, test, genes, label, gene_key, dicts, batch_key=None):
     """A fresh network of ``family`` on ``train`` (seeded) and the test AnnData it reads."""
     if family != "Geneformer":
         # the training cells' most variable genes (scBERT's and scFoundation's fixed panel)
         train, test = train[:, genes].copy(), test[:, genes].copy()
     cls = {"scGPT": SCGPT, "Geneformer": Geneformer, "scBERT": SCBERT}.get(family, SCFoundation)
-    setup = {"labels_key": label}
+    setup = {"labels_key": label, "batch_key": batch_key}
     if family == "Geneformer":  # Ensembl IDs, as the V1 dictionaries use
         setup["gene_key"] = gene_key
     for part in (train, test):
