@@ -218,7 +218,7 @@ def test_bad_input(data, checkpoint):
 
 def test_finetune_head_on_pretrained_checkpoint(data, checkpoint, tmp_path):
     adata, _ = data
-    path, table, sds = checkpoint
+    path, table, _ = checkpoint
     adata = _setup(adata, labels_key="cell_line")
     model = SCFoundation.from_pretrained(path, adata, gene_list=table)
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
