@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
 from uuid import uuid4
 
 import numpy as np
@@ -33,6 +35,10 @@ logger = logging.getLogger(__name__)
 
 _CHUNK_CELLS = 8192
 MODES: tuple[str, ...] = ("pretrain", "finetune")
+#: What inference does with cells that have no counts in the model's genes.
+EMPTY_CELLS: tuple[str, ...] = ("raise", "nan")
+_N_NAMED = 5  # cells named in messages
+_SINGLE_CLASS_SHARE = 0.98  # predict_celltype warns when one class takes this share of cells
 _SCVI_UUID_KEY = "_scvi_uuid"  # where scvi-tools keeps an AnnData's registration id (adata.uns)
 
 
@@ -52,6 +58,24 @@ def _resolve_indices(indices: Sequence[int] | np.ndarray | None, n_obs: int) -> 
     if indices.min() < -n_obs or indices.max() >= n_obs:
         raise IndexError(f"`indices` out of range for {n_obs} cells.")
     return indices % n_obs
+
+
+def _warn_single_class(codes: np.ndarray, labels: np.ndarray, *, min_cells: int = 20) -> None:
+    """Warn when a head with several classes predicts one class for (almost) all cells."""
+    if len(labels) < 2 or codes.size < min_cells:
+        return
+    counts = np.bincount(codes, minlength=len(labels))
+    top = int(counts.argmax())
+    if counts[top] >= _SINGLE_CLASS_SHARE * codes.size:
+        warnings.warn(
+            f"The classification head predicts {labels[top]!r} for {counts[top]:,} of "
+            f"{codes.size:,} cells; unless the cells really are all of one type, the head has "
+            "collapsed to one class (too little fine-tuning, a too high or too low learning "
+            "rate, or a collapsed cell embedding). Train longer or check the validation "
+            "macro-F1 in `model.history`.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
@@ -274,17 +298,41 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         *,
         reduce: bool = False,
         X=None,
+        empty_cells: str = "raise",
     ) -> np.ndarray:
         """Run ``fn`` on token batches of the requested cells and gather rows in input order.
 
         With ``reduce=True`` the rows are summed over all cells instead (in float64), for
         per-cell outputs too large to keep (e.g. one vector per gene and cell). ``X`` replaces
-        the expression of the selected cells (see :meth:`_iter_token_batches`).
+        the expression of the selected cells (see :meth:`_iter_token_batches`). Cells without
+        counts in the model's genes are handled as ``empty_cells`` says (see
+        :meth:`_check_empty_cells`): ``"nan"`` gives them NaN rows (left out of a sum).
         """
         self._check_if_trained(warn=False)
         adata = self._validate_anndata(adata)
         batch_size = 64 if batch_size is None else int(batch_size)
         indices = _resolve_indices(indices, adata.n_obs)
+        read = self._check_empty_cells(adata, indices, empty_cells, X=X)
+        if not read.all():
+            if not read.any():
+                raise ValueError(
+                    "None of the selected cells has counts in the model's genes; there is "
+                    "nothing to compute."
+                )
+            rows = np.flatnonzero(read)
+            part = self._map_cells(
+                adata,
+                indices[rows],
+                batch_size,
+                fn,
+                reduce=reduce,
+                X=None if X is None else X[rows],
+            )
+            if reduce:
+                return part
+            out = np.full((len(indices), *part.shape[1:]), np.nan, dtype=part.dtype)
+            out[rows] = part
+            return out
         out: np.ndarray | None = None
         was_training = self.module.training
         self.module.eval()
@@ -358,6 +406,73 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
 
     def _check_cells(self, adata: AnnData, indices: np.ndarray) -> None:
         """Reject cells the model cannot read (hook; every cell is fine by default)."""
+
+    def _empty_cell_mask(self, adata: AnnData, indices: np.ndarray, X=None) -> np.ndarray:
+        """Whether each cell at ``indices`` has no count > 0 in a gene the model reads.
+
+        ``X`` replaces the registered expression of the selected cells (one row per entry of
+        ``indices``), as in :meth:`_iter_token_batches`.
+        """
+        read = np.flatnonzero(np.asarray(self._tokenizer(adata).gene_ids) >= 0)
+        if X is None:
+            X = self.get_anndata_manager(adata, required=True).get_from_registry(
+                REGISTRY_KEYS.X_KEY
+            )
+            order = np.argsort(indices, kind="stable")  # backed files need increasing indices
+        else:
+            order = None
+        empty = np.empty(len(indices), dtype=bool)
+        for start in range(0, len(indices), _CHUNK_CELLS):
+            if order is None:
+                rows = np.arange(start, min(start + _CHUNK_CELLS, len(indices)))
+                block = to_csr(X[start : start + len(rows)])
+            else:
+                rows = order[start : start + _CHUNK_CELLS]
+                block = to_csr(X[indices[rows]])
+            empty[rows] = (block[:, read] > 0).getnnz(axis=1) == 0
+        return empty
+
+    def _check_empty_cells(
+        self,
+        adata: AnnData,
+        indices: np.ndarray,
+        empty_cells: str = "raise",
+        *,
+        X=None,
+        training: bool = False,
+    ) -> np.ndarray:
+        """Mask of the cells at ``indices`` that have counts in the model's genes.
+
+        A cell without any count in the genes the model reads has no tokens (or only special
+        ones), so it has no meaningful embedding, prediction or perturbation. With
+        ``empty_cells="raise"`` such cells are an error naming them by ``obs_names``; with
+        ``"nan"`` a warning names them and the caller leaves them out.
+        """
+        if empty_cells not in EMPTY_CELLS:
+            raise ValueError(f"empty_cells must be one of {EMPTY_CELLS}, got {empty_cells!r}.")
+        empty = self._empty_cell_mask(adata, indices, X)
+        if not empty.any():
+            return ~empty
+        names = list(map(str, adata.obs_names[indices[empty][:_N_NAMED]]))
+        more = ", ..." if empty.sum() > _N_NAMED else ""
+        what = (
+            f"{int(empty.sum()):,} cell(s) have no counts in the genes {type(self).__name__} "
+            f"reads ({', '.join(names)}{more})"
+        )
+        if training:
+            raise ValueError(
+                f"{what}; the model cannot train on cells without tokens. Remove them from the "
+                "AnnData (keep cells with a count in the genes matched to the model), set it up "
+                "again and build the model on it."
+            )
+        if empty_cells == "raise":
+            raise ValueError(
+                f"{what}; they have no tokens to compute a result from. Pass "
+                "`empty_cells='nan'` to give them NaN results, or remove them first (keep "
+                "cells with a count in the genes matched to the model)."
+            )
+        warnings.warn(f"{what}; their results are NaN.", UserWarning, stacklevel=3)
+        return ~empty
 
     def _frozen_parameters(self, freeze_layers: int | str) -> list[torch.nn.Parameter]:
         """Trainable parameters to hold fixed for ``freeze_layers`` (an int or ``"all"``)."""
@@ -456,6 +571,7 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         frozen = self._frozen_parameters(freeze_layers)
         frozen += self._lora_frozen_parameters(frozen, finetune=finetune)
         self._check_cells(self.adata, np.arange(self.adata.n_obs))
+        self._check_empty_cells(self.adata, np.arange(self.adata.n_obs), training=True)
         previous = self.module.objective
         self.module.objective = "classification" if finetune else "mlm"
         self.module.class_weights = weights
@@ -483,7 +599,24 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             self.module.class_weights = None
         if finetune:
             self.finetuned_ = True
+            self._warn_chance_f1()
         return result
+
+    def _warn_chance_f1(self) -> None:
+        """Warn when fine-tuning ended with a validation macro-F1 at chance (1 / classes)."""
+        history = getattr(self, "history_", None) or {}
+        if "macro_f1_validation" not in history:
+            return
+        scores = np.asarray(history["macro_f1_validation"], dtype=float).reshape(-1)
+        n_classes = len(self._label_names())
+        if scores.size and n_classes > 1 and scores[-1] <= 1.0 / n_classes:
+            warnings.warn(
+                f"Fine-tuning ended with a validation macro-F1 of {scores[-1]:.3f}, no better "
+                f"than chance for {n_classes} classes (1/{n_classes}): the head has not "
+                "learned the labels yet. Train for more epochs or change the learning rate.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _cell_embedding_dim(self) -> int:  # pragma: no cover - abstract
         """Width of :meth:`_perturbation_embedding` (the default cell embedding)."""
@@ -516,6 +649,8 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         batch_size: int | None = None,
         soft: bool = False,
         unknown_threshold: float | None = None,
+        *,
+        empty_cells: Literal["raise", "nan"] = "raise",
     ) -> np.ndarray | pd.DataFrame:
         """Predict the registered labels with the fine-tuned classification head.
 
@@ -533,6 +668,10 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             Give a cell the label ``"unknown"`` (scBERT: ``"Unassigned"``) when its highest
             class probability is below this value; by default every cell gets its most likely
             label. Only for hard predictions.
+        empty_cells
+            What to do with cells that have no counts in the model's genes (they have no
+            tokens): ``"raise"`` (default) an error naming them; ``"nan"`` a warning naming
+            them, and NaN probabilities and labels for them.
 
         Returns
         -------
@@ -565,14 +704,19 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             indices,
             batch_size,
             lambda t: torch.softmax(self._class_logits(t).float(), -1),
+            empty_cells=empty_cells,
         )
         labels = self._label_names() if self._has_labels() else np.arange(n_labels).astype(str)
+        read = ~np.isnan(probs).any(1)
+        _warn_single_class(probs[read].argmax(1), labels)
         if soft:
             return pd.DataFrame(probs, index=adata.obs_names[indices], columns=labels)
         predicted = labels[probs.argmax(1)]
-        if unknown_threshold is not None:
+        if unknown_threshold is not None or not read.all():
             predicted = predicted.astype(object)
+        if unknown_threshold is not None:
             predicted[probs.max(1) < float(unknown_threshold)] = self._unknown_label
+        predicted[~read] = np.nan
         return predicted
 
     # ------------------------------------------------------------------ perturbation
@@ -634,6 +778,7 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         factor: float | None = None,
         indices: Sequence[int] | np.ndarray | None = None,
         batch_size: int | None = None,
+        empty_cells: Literal["raise", "nan"] = "raise",
     ) -> AnnData:
         """In-silico perturbation of genes, on each cell's expression before tokenization.
 
@@ -663,6 +808,12 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             Cells to perturb (positions or boolean mask); all by default.
         batch_size
             Cells per forward pass; results do not depend on it.
+        empty_cells
+            What to do with cells that have no counts in the model's genes: ``"raise"``
+            (default) an error naming them; ``"nan"`` a warning naming them, and NaN shifts
+            (never "changed") for them. A cell that a perturbation leaves without counts in the
+            model's genes (e.g. deleting all it expresses) gets a NaN shift for it, left out of
+            the means.
 
         Returns
         -------
@@ -681,20 +832,33 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             raise ValueError(f"mode must be one of {COUNT_PERTURB_MODES}, got {mode!r}.")
         perturb_counts(np.zeros((1, 1)), [], mode, factor)  # checks factor before any work
         adata = self._validate_anndata(adata)
-        idx = _resolve_indices(indices, adata.n_obs)
-        self._check_cells(adata, idx)
+        cells = _resolve_indices(indices, adata.n_obs)
+        self._check_cells(adata, cells)
+        read = self._check_empty_cells(adata, cells, empty_cells)
+        idx = cells[read]
         names, columns = self._perturbation_columns(adata, genes)
         manager = self.get_anndata_manager(adata, required=True)
         X = to_csr(manager.get_from_registry(REGISTRY_KEYS.X_KEY)[np.sort(idx)])
         X = X[np.argsort(np.argsort(idx, kind="stable"), kind="stable")]  # back to idx order
         expression = self._perturbation_expression(adata)
 
-        def run(X_cells):
-            emb = self._map_cells(adata, idx, batch_size, self._perturbation_embedding, X=X_cells)
-            if expression is None:
-                return emb, None
-            fn, _ = expression
-            return emb, self._map_cells(adata, idx, batch_size, fn, X=X_cells)
+        def run(X_cells, empty="raise"):
+            with warnings.catch_warnings():  # cells emptied by a perturbation get NaN rows
+                warnings.simplefilter("ignore", UserWarning)
+                emb = self._map_cells(
+                    adata,
+                    idx,
+                    batch_size,
+                    self._perturbation_embedding,
+                    X=X_cells,
+                    empty_cells=empty,
+                )
+                if expression is None:
+                    return emb, None
+                fn, _ = expression
+                return emb, self._map_cells(
+                    adata, idx, batch_size, fn, X=X_cells, empty_cells=empty
+                )
 
         base_emb, base_expr = run(X)
         shift = np.zeros((len(idx), len(names)), dtype=np.float32)
@@ -704,7 +868,7 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             Xp, changed[:, j] = perturb_counts(X, cols, mode, factor)
             if not changed[:, j].any():
                 continue
-            emb, expr = run(Xp)
+            emb, expr = run(Xp, "nan")
             cos = F.cosine_similarity(torch.as_tensor(emb), torch.as_tensor(base_emb), dim=-1)
             shift[:, j] = np.where(changed[:, j], 1.0 - cos.numpy(), 0.0)
             if expression is not None:
@@ -715,18 +879,26 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
                 diff = expr - base_expr  # NaN where a model predicts no value for a gene
                 seen = np.isfinite(diff)
                 change[j] = np.where(seen, diff, 0.0).sum(0) / np.maximum(seen.sum(0), 1)
+        scored = changed & np.isfinite(shift)
         var = pd.DataFrame(
             {
                 "n_cells_changed": changed.sum(0),
                 "mean_shift": np.where(
-                    changed.any(0), (shift * changed).sum(0) / np.maximum(changed.sum(0), 1), 0.0
+                    scored.any(0),
+                    np.where(scored, shift, 0.0).sum(0) / np.maximum(scored.sum(0), 1),
+                    0.0,
                 ),
             },
             index=pd.Index(names, name="perturbation"),
         )
+        if not read.all():  # cells without counts: NaN shifts, never changed
+            shift_all = np.full((len(cells), len(names)), np.nan, dtype=np.float32)
+            changed_all = np.zeros((len(cells), len(names)), dtype=bool)
+            shift_all[read], changed_all[read] = shift, changed
+            shift, changed = shift_all, changed_all
         out = AnnData(
             X=shift,
-            obs=pd.DataFrame(index=adata.obs_names[idx].copy()),
+            obs=pd.DataFrame(index=adata.obs_names[cells].copy()),
             var=var,
             layers={"changed": changed},
             uns={"perturb": {"mode": mode, "factor": factor, "model": type(self).__name__}},

@@ -531,23 +531,6 @@ class Geneformer(FoundationModelBase):
     def _special_tokens(self) -> bool:
         return "<cls>" in self.vocab
 
-    def _check_cells(self, adata: AnnData, indices: np.ndarray) -> None:
-        """Raise before any work if a selected cell has no gene of the token dictionary."""
-        tokenizer = self._tokenizer(adata)
-        X = self.get_anndata_manager(adata, required=True).get_from_registry(REGISTRY_KEYS.X_KEY)
-        empty = []
-        for start in range(0, len(indices), 8192):
-            chunk = np.sort(indices[start : start + 8192])
-            lengths = tokenizer.lengths(sp.csr_matrix(X[chunk]))
-            empty.extend(chunk[lengths <= tokenizer.n_specials])
-        if empty:
-            names = ", ".join(map(str, adata.obs_names[np.asarray(empty[:5])]))
-            raise ValueError(
-                f"{len(empty):,} cell(s) express no gene of the Geneformer token dictionary "
-                f"(e.g. {names}); an empty rank encoding cannot be embedded. Exclude them, e.g. "
-                "with `indices=` or by filtering cells on the matched genes."
-            )
-
     # ------------------------------------------------------------------ training
     def train(
         self,
@@ -676,6 +659,8 @@ class Geneformer(FoundationModelBase):
         batch_size: int | None = None,
         pooling: Literal["cls", "mean"] | None = None,
         layer: int = -1,
+        *,
+        empty_cells: Literal["raise", "nan"] = "raise",
     ) -> np.ndarray:
         """Cell embeddings as the official ``EmbExtractor`` computes them.
 
@@ -696,6 +681,10 @@ class Geneformer(FoundationModelBase):
             Which layer's output, with the official meaning: ``-1`` (default) is the
             penultimate layer, ``0`` the last, ``-k`` the output of layer ``n_layers - k``
             (``-n_layers`` is the embedding layer).
+        empty_cells
+            What to do with cells that express no gene of the token dictionary (an empty rank
+            encoding): ``"raise"`` (default) an error naming them; ``"nan"`` a warning naming
+            them, and NaN rows for them.
 
         Returns
         -------
@@ -704,17 +693,17 @@ class Geneformer(FoundationModelBase):
         """
         pooling = self._resolve_pooling(pooling)
         depth = self._layer_depth(layer)
-        return self._embed(adata, indices, batch_size, pooling, depth)
+        return self._embed(adata, indices, batch_size, pooling, depth, empty_cells=empty_cells)
 
-    def _embed(self, adata, indices, batch_size, pooling: str, depth: int) -> np.ndarray:
-        adata = self._validate_anndata(adata)
-        indices = _resolve_indices(indices, adata.n_obs)
-        self._check_cells(adata, indices)
+    def _embed(
+        self, adata, indices, batch_size, pooling: str, depth: int, empty_cells: str = "raise"
+    ) -> np.ndarray:
         return self._map_cells(
             adata,
             indices,
             batch_size,
             lambda t: self._pool(t["input_ids"], t["lengths"], depth, pooling),
+            empty_cells=empty_cells,
         )
 
     # ------------------------------------------------------------------ classification
@@ -824,7 +813,7 @@ class Geneformer(FoundationModelBase):
             indices, states = self._state_embeddings(
                 adata, indices, cell_states, batch_size, pooling, depth
             )
-        self._check_cells(adata, indices)
+        self._check_empty_cells(adata, indices)
         batch_size = 16 if batch_size is None else int(batch_size)
         state_names = list(states)
         state_matrix = (

@@ -562,6 +562,8 @@ class SCBERT(FoundationModelBase):
         indices: Sequence[int] | np.ndarray | None = None,
         batch_size: int | None = None,
         pooling: Literal["mean", "expressed", "last"] = "mean",
+        *,
+        empty_cells: Literal["raise", "nan"] = "raise",
     ) -> np.ndarray:
         """Cell embeddings from the encoder's final states (after the final LayerNorm).
 
@@ -584,6 +586,10 @@ class SCBERT(FoundationModelBase):
             excluded); ``"expressed"``: average over the positions with a non-zero token (all
             panel positions for a cell without any); ``"last"``: the state of the extra last
             position.
+        empty_cells
+            What to do with cells that have no counts in the model's genes (they have no
+            tokens): ``"raise"`` (default) an error naming them; ``"nan"`` a warning naming
+            them, and NaN rows for them.
 
         Returns
         -------
@@ -593,5 +599,9 @@ class SCBERT(FoundationModelBase):
         if pooling not in _POOLINGS:
             raise ValueError(f"pooling must be one of {_POOLINGS}, got {pooling!r}.")
         return self._map_cells(
-            adata, indices, batch_size, lambda t: self._pool(t["input_ids"], pooling)
+            adata,
+            indices,
+            batch_size,
+            lambda t: self._pool(t["input_ids"], pooling),
+            empty_cells=empty_cells,
         )

@@ -566,14 +566,26 @@ class SCFoundation(FoundationModelBase):
             registry_keys=(TOTAL_COUNTS_KEY,) if TOTAL_COUNTS_KEY in manager.data_registry else (),
         )
 
-    def _map_tokens(self, adata, indices, batch_size, fn, *, target_depth=None, reduce=False):
+    def _map_tokens(
+        self,
+        adata,
+        indices,
+        batch_size,
+        fn,
+        *,
+        target_depth=None,
+        reduce=False,
+        empty_cells="raise",
+    ):
         """:meth:`_map_cells` with a per-call ``target_depth``."""
         if target_depth is not None:
             _parse_target_depth(target_depth)
         previous = self.target_depth
         self.target_depth = previous if target_depth is None else target_depth
         try:
-            return self._map_cells(adata, indices, batch_size, fn, reduce=reduce)
+            return self._map_cells(
+                adata, indices, batch_size, fn, reduce=reduce, empty_cells=empty_cells
+            )
         finally:
             self.target_depth = previous
 
@@ -895,12 +907,7 @@ class SCFoundation(FoundationModelBase):
         gene_ids = self._gene_ids(self.adata)
         manager = self.get_anndata_manager(self.adata, required=True)
         X = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
-        empty = cells[self._tokenizer(self.adata).lengths(sp.csr_matrix(X[cells])) <= 2]
-        if empty.size:
-            raise ValueError(
-                f"{empty.size} selected cell(s) have no counts in the model's genes (e.g. "
-                f"{list(self.adata.obs_names[empty[:5]])}); remove them with `indices`."
-            )
+        self._check_empty_cells(self.adata, cells, training=True)
         names = list(self.get_state_registry(PERTURBATION_KEY).categorical_mapping)
         flag_table = np.zeros((len(names), len(self.gene_list)), dtype=bool)
         for name, pos in zip(train, positions, strict=True):
@@ -1010,6 +1017,8 @@ class SCFoundation(FoundationModelBase):
         batch_size: int | None = None,
         pooling: Literal["all", "max", "mean"] = "all",
         target_depth: str | None = None,
+        *,
+        empty_cells: Literal["raise", "nan"] = "raise",
     ) -> np.ndarray:
         """Cell embeddings from the encoder, as the official ``get_embedding.py`` computes them.
 
@@ -1032,6 +1041,10 @@ class SCFoundation(FoundationModelBase):
         target_depth
             T token for this call (e.g. ``"f1"`` for T = S, ``"a1"`` for a 10-fold deeper
             target); defaults to the model's ``target_depth``.
+        empty_cells
+            What to do with cells that have no counts in the model's genes (they have no
+            tokens): ``"raise"`` (default) an error naming them; ``"nan"`` a warning naming
+            them, and NaN rows for them.
 
         Returns
         -------
@@ -1048,6 +1061,7 @@ class SCFoundation(FoundationModelBase):
                 t["values"], t["positions"], t["lengths"], pooling=pooling
             ),
             target_depth=target_depth,
+            empty_cells=empty_cells,
         )
 
     def _genes_in_data(self, adata: AnnData) -> tuple[np.ndarray, np.ndarray]:

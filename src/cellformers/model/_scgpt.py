@@ -665,6 +665,8 @@ class SCGPT(FoundationModelBase):
         indices: Sequence[int] | np.ndarray | None = None,
         batch_size: int | None = None,
         pooling: Literal["cls", "mean"] = "cls",
+        *,
+        empty_cells: Literal["raise", "nan"] = "raise",
     ) -> np.ndarray:
         """Cell embeddings, one unit-norm row per cell.
 
@@ -688,6 +690,10 @@ class SCGPT(FoundationModelBase):
             Cells per forward pass (default 64).
         pooling
             ``"cls"`` or ``"mean"``.
+        empty_cells
+            What to do with cells that have no counts in the model's genes (they have no
+            tokens): ``"raise"`` (default) an error naming them; ``"nan"`` a warning naming
+            them, and NaN rows for them.
 
         Returns
         -------
@@ -702,7 +708,11 @@ class SCGPT(FoundationModelBase):
             self._check_cells(adata, _resolve_indices(indices, adata.n_obs))
 
         return self._map_cells(
-            adata, indices, batch_size, lambda t: self._embed(t, pooling=pooling)
+            adata,
+            indices,
+            batch_size,
+            lambda t: self._embed(t, pooling=pooling),
+            empty_cells=empty_cells,
         )
 
     def _embed(self, tokens: dict[str, torch.Tensor], pooling: str = "cls") -> torch.Tensor:
