@@ -72,7 +72,7 @@ def test_construction_checks(adata, data, tmp_path):
     file = tmp_path / "panel.txt"
     file.write_text("\n".join(panel) + "\n")
     model = SCBERT(adata, gene_panel=file, **TINY)
-    assert model.gene_panel == panel and model.module.pos_emb is None
+    assert model.gene_panel == panel and model.module.pos_emb.emb.weight.requires_grad  # learned
     with pytest.raises(FileNotFoundError):
         SCBERT(adata, gene_panel=tmp_path / "missing.txt", **TINY)
     # default panel: the registered genes (unique, non-empty symbols)

@@ -603,19 +603,23 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         return result
 
     def _warn_chance_f1(self) -> None:
-        """Warn when fine-tuning ended with a validation macro-F1 at chance (1 / classes)."""
+        """Warn when fine-tuning ended with a macro-F1 at chance (1 / classes).
+
+        Reads the last validation macro-F1, or the training one when no validation ran.
+        """
         history = getattr(self, "history_", None) or {}
-        if "macro_f1_validation" not in history:
+        split = next((s for s in ("validation", "train") if f"macro_f1_{s}" in history), None)
+        if split is None:
             return
-        scores = np.asarray(history["macro_f1_validation"], dtype=float).reshape(-1)
+        scores = np.asarray(history[f"macro_f1_{split}"], dtype=float).reshape(-1)
         n_classes = len(self._label_names())
         if scores.size and n_classes > 1 and scores[-1] <= 1.0 / n_classes:
             warnings.warn(
-                f"Fine-tuning ended with a validation macro-F1 of {scores[-1]:.3f}, no better "
-                f"than chance for {n_classes} classes (1/{n_classes}): the head has not "
-                "learned the labels yet. Train for more epochs or change the learning rate.",
+                f"Fine-tuning ended with a {split} macro-F1 of {scores[-1]:.3f}, no better than "
+                f"chance for {n_classes} classes (1/{n_classes}): the head has not learned the "
+                "labels yet. Train for more epochs or change the learning rate.",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
 
     def _cell_embedding_dim(self) -> int:  # pragma: no cover - abstract

@@ -65,7 +65,8 @@ class SCBERT(FoundationModelBase):
     scaled to 10,000 per cell over the panel, transformed with ``log2(1 + x)`` and cut into the
     integer tokens ``0 .. n_bins`` (:func:`~cellformers.tokenize.tokenize_scbert`); one extra
     token 0 follows. Position ``i`` of the sequence is panel gene ``i``; the published model
-    adds the gene2vec vector of that gene (a frozen position table). A Performer encoder
+    adds the gene2vec vector of that gene (a frozen position table); a model built from scratch
+    without gene2vec learns its table. A Performer encoder
     (:class:`~cellformers.module.SCBERTModule`) reads the ``n_genes + 1`` tokens.
 
     The model holds one head at a time, as the official network does: the masked-expression
@@ -91,15 +92,16 @@ class SCBERT(FoundationModelBase):
     gene2vec
         Position table (the official gene2vec vectors): an array ``[len(gene_panel), dim]`` (a
         zero row is appended for the extra position, as the official constructor does) or
-        ``[len(gene_panel) + 1, dim]``, or a ``.npy`` file. Kept frozen in float64. By default
-        there is no position table (the official ``g2v_position_emb=False``); then the model
-        tells genes apart only through the fine-tuning head.
+        ``[len(gene_panel) + 1, dim]``, or a ``.npy`` file. Kept frozen in float64. Without it a
+        model built from scratch learns its position table (see ``position_embedding``).
     position_embedding
-        Build the position table; by default only when ``gene2vec`` is given. ``True`` without
-        ``gene2vec`` builds a zero table that a checkpoint fills (:meth:`from_pretrained`).
-        ``"learned"`` learns the table with the network (from ``gene2vec`` when given, else
-        from random vectors): the choice for a model trained from scratch on a panel without
-        gene2vec vectors, which otherwise cannot tell its genes apart.
+        The position table. By default a frozen ``gene2vec`` table when ``gene2vec`` is given,
+        else ``"learned"``: a table learned with the network (from random vectors, or from
+        ``gene2vec`` when given). Without a table (``False``, the official
+        ``g2v_position_emb=False``) the encoder cannot tell genes apart: a cell whose values
+        are shuffled across genes gets the same pooled embedding, so only pass ``False`` to
+        rebuild a network that has none. ``True`` without ``gene2vec`` builds a zero table
+        that a checkpoint fills (:meth:`from_pretrained` reads the checkpoint's setting).
     n_bins
         Highest expression token (official ``bin_num`` = 5); the vocabulary has ``n_bins + 2``
         tokens, the last being ``[MASK]``.
@@ -147,6 +149,7 @@ class SCBERT(FoundationModelBase):
     >>> import cellformers as cf
     >>> adata = cf.data.cellbench_2platform()
     >>> cf.model.SCBERT.setup_anndata(adata, gene_key="gene_symbol", labels_key="cell_line")
+    >>> # from scratch: a learned position table tells the panel genes apart
     >>> model = cf.model.SCBERT(adata, dim=32, depth=2, heads=2, dim_head=16)
     >>> model.train(max_epochs=2)  # masked-expression pretraining
     >>> model.train(mode="finetune", max_epochs=2)  # cell-line classification
@@ -195,8 +198,8 @@ class SCBERT(FoundationModelBase):
             gene_panel = names[(names != "") & ~names.duplicated()].tolist()
         gene_panel = read_gene_list(gene_panel, what="gene_panel")
         gene2vec = _read_gene2vec(gene2vec)
-        if position_embedding is None:
-            position_embedding = gene2vec is not None
+        if position_embedding is None:  # a network must tell its genes apart
+            position_embedding = True if gene2vec is not None else "learned"
         if n_labels is None:
             n_labels = 0
         self.gene_panel = gene_panel

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -18,7 +19,14 @@ from scvi.data.fields import CategoricalObsField
 from scvi.dataloaders._data_splitting import validate_data_split
 from scvi.utils import setup_anndata_dsp
 
-from ..genes import GeneVocab, match_genes, read_gene_list
+from ..genes import (
+    GeneVocab,
+    ensembl_to_symbol,
+    match_genes,
+    read_gene_list,
+    strip_ensembl_version,
+    symbol_to_ensembl,
+)
 from ..module import SCFoundationModule, gather_scfoundation_tokens
 from ..pretrained import load_scfoundation_state_dict, read_scfoundation_checkpoint
 from ..tokenize import (
@@ -35,6 +43,7 @@ logger = logging.getLogger(__name__)
 TOTAL_COUNTS_KEY = "total_counts"  # registry key of the per-cell total counts (mode "A")
 PERTURBATION_KEY = "perturbation"  # registry key of the per-cell perturbation labels
 _COMBINATION_SEP = "+"
+_UNMATCHED = ("warn", "exclude", "error")  # setup_anndata's unmatched_perturbations
 _MAX_REDRAWS = 10  # draws of another control for a control cell before giving up
 _POOLINGS = ("all", "max", "mean")
 _MODULE_ARGS = (
@@ -128,6 +137,28 @@ def _split_perturbation(name: str, control_label: str | None) -> tuple[str, ...]
             "the control is the unperturbed cell and cannot be part of a combination."
         )
     return parts
+
+
+def _unmatched_labels(labels, control_label: str, genes) -> list[str]:
+    """Perturbation labels with a target that names no gene.
+
+    A target names a gene when it is one of ``genes`` (the data's gene names) or a human gene
+    symbol or Ensembl ID of the GENCODE table (a target the data do not measure).
+    """
+    genes = set(map(str, genes))
+    targets = {t for label in labels for t in _split_perturbation(str(label), control_label)}
+    rest = np.asarray(sorted(targets - genes), dtype=object)
+    if rest.size == 0:
+        return []
+    known = (symbol_to_ensembl(rest) != None) | (  # noqa: E711 (element-wise)
+        ensembl_to_symbol(strip_ensembl_version(rest)) != None  # noqa: E711
+    )
+    unknown = set(rest[~known])
+    return sorted(
+        str(label)
+        for label in labels
+        if unknown.intersection(_split_perturbation(str(label), control_label))
+    )
 
 
 def _same_rows(A: sp.csr_matrix, B: sp.csr_matrix) -> np.ndarray:
@@ -344,6 +375,7 @@ class SCFoundation(FoundationModelBase):
         total_counts_key: str | None = None,
         perturbation_key: str | None = None,
         control_label: str | None = None,
+        unmatched_perturbations: Literal["warn", "exclude", "error"] = "warn",
         **kwargs,
     ):
         """%(summary)s.
@@ -378,11 +410,19 @@ class SCFoundation(FoundationModelBase):
             training (``train(mode="perturbation")``) and :meth:`predict_perturbation`: the
             control label, or the target gene, or several targets joined by ``"+"``
             (``"STAT1+IRF1"``). Targets are meant to be gene names of the data; a target the
-            data do not measure is accepted (and reported) as long as the model's gene list
-            holds it (a model built from scratch adds it to its default list).
+            data do not measure is accepted as long as the model's gene list holds it (a model
+            built from scratch adds it to its default list).
         control_label
             Label of the unperturbed (control) cells in ``adata.obs[perturbation_key]``, e.g.
             ``"non-targeting"``; required with ``perturbation_key``.
+        unmatched_perturbations
+            What to do with labels whose target names no gene: neither a gene of the data nor
+            a human gene symbol or Ensembl ID (e.g. ``"none"`` for cells without a guide, or
+            guide IDs). ``"warn"`` (default): a warning lists them, and they are kept as gene
+            targets (a model built from scratch adds them to its gene list); ``"exclude"``: a
+            warning lists them, their cells are left out of perturbation training (they are
+            not controls either) and :meth:`predict_perturbation` refuses them; ``"error"``:
+            an error lists them.
 
         """
         if pre_normalized not in ("F", "T", "A"):
@@ -401,8 +441,15 @@ class SCFoundation(FoundationModelBase):
                 "perturbation_key and control_label go together: name the adata.obs column "
                 "with each cell's perturbation and the label of its control cells."
             )
+        if unmatched_perturbations not in _UNMATCHED:
+            raise ValueError(
+                f"unmatched_perturbations must be one of {_UNMATCHED}, got "
+                f"{unmatched_perturbations!r}."
+            )
         if perturbation_key is not None:
-            cls._check_perturbations(adata, perturbation_key, control_label, gene_key)
+            cls._check_perturbations(
+                adata, perturbation_key, control_label, gene_key, unmatched_perturbations
+            )
         setup_method_args = cls._get_setup_method_args(**locals())
         extra = []
         if perturbation_key is not None:
@@ -431,7 +478,11 @@ class SCFoundation(FoundationModelBase):
 
     @staticmethod
     def _check_perturbations(
-        adata: AnnData, perturbation_key: str, control_label: str, gene_key: str | None
+        adata: AnnData,
+        perturbation_key: str,
+        control_label: str,
+        gene_key: str | None,
+        unmatched: str = "warn",
     ) -> None:
         """Check the perturbation labels before registration (see :meth:`setup_anndata`)."""
         if not isinstance(adata, AnnData):
@@ -467,6 +518,34 @@ class SCFoundation(FoundationModelBase):
                 len(unmeasured),
                 ", ".join(unmeasured[:10]),
             )
+        bad = _unmatched_labels(names, str(control_label), genes.astype(str))
+        if not bad:
+            return
+        what = (
+            f"{len(bad)} label(s) of adata.obs[{perturbation_key!r}] name no gene (neither a gene "
+            f"of the data nor a human gene symbol or Ensembl ID): {bad[:10]}"
+        )
+        if unmatched == "error":
+            raise ValueError(
+                f"{what}. Pass the label of the unperturbed cells as control_label, use the "
+                "column of target genes as perturbation_key, or pass "
+                "unmatched_perturbations='exclude' to leave their cells out."
+            )
+        if unmatched == "exclude":
+            warnings.warn(
+                f"{what}; their cells are left out of perturbation training and prediction.",
+                UserWarning,
+                stacklevel=3,
+            )
+            return
+        warnings.warn(
+            f"{what}. They are treated as gene targets (a model built from scratch adds them to "
+            "its gene list). If they are not gene perturbations (cells without a guide, guide "
+            "IDs), pass unmatched_perturbations='exclude' to leave their cells out, or use the "
+            "column of target genes.",
+            UserWarning,
+            stacklevel=3,
+        )
 
     # ------------------------------------------------------------------ pretrained weights
     @classmethod
@@ -616,8 +695,25 @@ class SCFoundation(FoundationModelBase):
             return []
         control = str(manager.registry["setup_args"]["control_label"])
         names = manager.get_state_registry(PERTURBATION_KEY).categorical_mapping
-        targets = [t for name in names for t in _split_perturbation(str(name), control)]
+        excluded = self._excluded_perturbations(adata)
+        targets = [
+            t
+            for name in names
+            if str(name) not in excluded
+            for t in _split_perturbation(str(name), control)
+        ]
         return list(dict.fromkeys(targets))
+
+    def _excluded_perturbations(self, adata: AnnData) -> set[str]:
+        """Labels left out with ``unmatched_perturbations="exclude"`` (they name no gene)."""
+        manager = self.get_anndata_manager(adata, required=True)
+        args = manager.registry["setup_args"]
+        if PERTURBATION_KEY not in manager.data_registry or (
+            args.get("unmatched_perturbations") != "exclude"
+        ):
+            return set()
+        names = manager.get_state_registry(PERTURBATION_KEY).categorical_mapping
+        return set(_unmatched_labels(names, str(args["control_label"]), self._gene_names(adata)))
 
     def _target_positions(self, targets: Sequence[str]) -> dict[str, int]:
         """Gene-list position of each target (-1 when the list lacks it).
@@ -664,6 +760,12 @@ class SCFoundation(FoundationModelBase):
         dups = sorted({n for n in names if names.count(n) > 1})
         if dups:
             raise ValueError(f"`{what}` names perturbations more than once: {dups[:10]}.")
+        excluded = sorted(set(names) & self._excluded_perturbations(self.adata))
+        if excluded:
+            raise ValueError(
+                f"`{what}` names labels that name no gene and were excluded in setup "
+                f"(unmatched_perturbations='exclude'): {excluded[:10]}."
+            )
         positions = self._target_positions([t for _, parts in parsed for t in parts])
         unknown = [name for name, parts in parsed if any(positions[t] < 0 for t in parts)]
         if unknown:
@@ -850,6 +952,8 @@ class SCFoundation(FoundationModelBase):
         codes = np.asarray(self.get_from_registry(self.adata, PERTURBATION_KEY)).reshape(-1)
         allowed = _resolve_indices(indices, self.adata.n_obs)
         present = set(names[np.unique(codes[allowed])])
+        excluded = self._excluded_perturbations(self.adata)
+        present -= excluded
         if train_perturbations is None:
             train = [n for n in names if n != control and n in present]
         else:
@@ -864,7 +968,8 @@ class SCFoundation(FoundationModelBase):
             if unknown:
                 raise ValueError(
                     f"Unknown perturbations in `train_perturbations`: {unknown[:10]}. They have "
-                    f"no (selected) cells in adata.obs[{key!r}]."
+                    f"no (selected) cells in adata.obs[{key!r}], or name no gene and were "
+                    "excluded (unmatched_perturbations='exclude')."
                 )
         if not train:
             raise ValueError("There are no perturbed cells to train on.")
