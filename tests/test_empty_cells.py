@@ -6,48 +6,17 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import scvi
+from tiny_models import TINY, cellbench_cells
 
-import cellformers as cf
 from cellformers.model import SCBERT, SCGPT, Geneformer, SCFoundation
 
-MODELS = {
-    "scbert": (SCBERT, {"dim": 16, "depth": 1, "heads": 2, "dim_head": 8}),
-    "scgpt": (SCGPT, {"d_model": 16, "nhead": 2, "d_hid": 16, "nlayers": 1, "dropout": 0.0}),
-    "geneformer": (
-        Geneformer,
-        {
-            "hidden_size": 16,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "intermediate_size": 32,
-            "max_input_size": 64,
-        },
-    ),
-    "scfoundation": (
-        SCFoundation,
-        {
-            "encoder_dim": 16,
-            "encoder_depth": 1,
-            "encoder_heads": 2,
-            "encoder_d_hid": 32,
-            "decoder_dim": 16,
-            "decoder_depth": 1,
-            "decoder_heads": 2,
-            "decoder_dim_head": 8,
-            "decoder_nb_features": 8,
-        },
-    ),
-}
+MODELS = {"scbert": SCBERT, "scgpt": SCGPT, "geneformer": Geneformer, "scfoundation": SCFoundation}
 EMPTY = [2, 7]
 
 
 @pytest.fixture(scope="module")
 def cells():
-    adata = cf.data.cellbench_2platform()
-    rng = np.random.default_rng(0)
-    adata = adata[np.sort(rng.choice(adata.n_obs, 24, replace=False))].copy()
-    detected = np.asarray((adata.X > 0).mean(0)).ravel()
-    return adata[:, np.argsort(-detected, kind="stable")[:120]].copy()
+    return cellbench_cells(24, 120)
 
 
 def _with_empty_cells(cells):
@@ -61,11 +30,11 @@ def _with_empty_cells(cells):
 
 @pytest.fixture(scope="module", params=list(MODELS))
 def trained(request, cells):
-    cls, kwargs = MODELS[request.param]
+    cls = MODELS[request.param]
     adata = cells.copy()
     cls.setup_anndata(adata)
     scvi.settings.seed = 0
-    model = cls(adata, **kwargs)
+    model = cls(adata, **TINY[cls])
     model.train(max_epochs=1, batch_size=8, enable_progress_bar=False)
     return model
 
@@ -91,10 +60,10 @@ def test_inference_names_empty_cells_or_gives_nan_rows(trained, cells):
 
 
 def test_training_refuses_empty_cells_before_any_work(cells):
-    for cls, kwargs in MODELS.values():
+    for cls in MODELS.values():
         adata = _with_empty_cells(cells)
         cls.setup_anndata(adata)
-        model = cls(adata, **kwargs)
+        model = cls(adata, **TINY[cls])
         with pytest.raises(ValueError, match=rf"{adata.obs_names[EMPTY[0]]}.*cannot train"):
             model.train(max_epochs=1, enable_progress_bar=False)
         assert not model.is_trained_
@@ -104,7 +73,7 @@ def test_predict_and_perturb_follow_empty_cells(cells):
     adata = cells.copy()
     SCBERT.setup_anndata(adata, labels_key="cell_line")
     scvi.settings.seed = 0
-    model = SCBERT(adata, **MODELS["scbert"][1])
+    model = SCBERT(adata, **TINY[SCBERT])
     model.train(mode="finetune", max_epochs=1, batch_size=8, enable_progress_bar=False)
     query = _with_empty_cells(cells)
     SCBERT.setup_anndata(query)

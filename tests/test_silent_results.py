@@ -9,32 +9,19 @@ import pytest
 import scipy.sparse as sp
 import scvi
 import torch
+from tiny_models import TINY, cellbench_cells
 
 import cellformers as cf
 from cellformers.model import SCBERT, SCFoundation
 
-SCBERT_TINY = {"dim": 16, "depth": 1, "heads": 2, "dim_head": 8, "classifier_hidden": (16, 8)}
-SCF_TINY = {
-    "encoder_dim": 16,
-    "encoder_depth": 1,
-    "encoder_heads": 2,
-    "encoder_d_hid": 32,
-    "decoder_dim": 16,
-    "decoder_depth": 1,
-    "decoder_heads": 2,
-    "decoder_dim_head": 8,
-    "decoder_nb_features": 8,
-}
+SCBERT_TINY = TINY[SCBERT]
+SCF_TINY = TINY[SCFoundation]
 FIT = {"batch_size": 8, "enable_progress_bar": False}
 
 
 @pytest.fixture(scope="module")
 def cells():
-    adata = cf.data.cellbench_2platform()
-    rng = np.random.default_rng(1)
-    adata = adata[np.sort(rng.choice(adata.n_obs, 30, replace=False))].copy()
-    detected = np.asarray((adata.X > 0).mean(0)).ravel()
-    return adata[:, np.argsort(-detected, kind="stable")[:80]].copy()
+    return cellbench_cells(30, 80, seed=1)
 
 
 # ---------------------------------------------------------------- scBERT tells genes apart
