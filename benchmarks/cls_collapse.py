@@ -11,7 +11,7 @@ seed fixed and embedded with ``get_latent_representation`` (pooling ``"cls"`` an
 
 * untrained (random weights);
 * after ``--epochs`` epochs of the default pretraining recipe (masked value prediction and MVC,
-  ``lr=1e-4``, batch 32, 10 % warm-up, cosine decay) -- the old default;
+  ``lr=1e-4``, batch 32, 10 % warm-up, cosine decay);
 * after the same pretraining with ``lr=1e-3``.
 
 For each embedding it reports the mean per-dimension standard deviation across cells (the
@@ -99,7 +99,7 @@ def main() -> None:
     )
     SCGPT.setup_anndata(adata)
     rows = [("PCA (log-normalised counts, 50 PCs)", "-", scores(pca, y, train, test), 0.0)]
-    for name, lr in (("untrained", None), ("old default, lr 1e-4", 1e-4), ("lr 1e-3", 1e-3)):
+    for name, lr in (("untrained", None), ("default recipe, lr 1e-4", 1e-4), ("lr 1e-3", 1e-3)):
         scvi.settings.seed = SEED
         model = SCGPT(adata, **ARCH)
         t = time.time()
