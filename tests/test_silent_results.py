@@ -101,42 +101,29 @@ def papalexi():
     return adata
 
 
+def _setup_perturbations(adata, control_label="non-targeting", **kwargs):
+    SCFoundation.setup_anndata(
+        adata, perturbation_key="perturbation", control_label=control_label, **kwargs
+    )
+
+
 def test_perturbation_labels_that_name_no_gene_are_reported(papalexi):
     clean = papalexi[papalexi.obs["perturbation"] != "none"].copy()
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # gene targets, measured or not: no warning
-        SCFoundation.setup_anndata(
-            clean, perturbation_key="perturbation", control_label="non-targeting"
-        )
+        _setup_perturbations(clean)
     adata = papalexi.copy()
     with pytest.raises(ValueError, match=r"1 label\(s\).*\['none'\].*exclude"):
-        SCFoundation.setup_anndata(
-            adata,
-            perturbation_key="perturbation",
-            control_label="non-targeting",
-            unmatched_perturbations="error",
-        )
+        _setup_perturbations(adata, unmatched_perturbations="error")
     with pytest.raises(ValueError, match="unmatched_perturbations must be"):
-        SCFoundation.setup_anndata(
-            adata,
-            perturbation_key="perturbation",
-            control_label="none",
-            unmatched_perturbations="drop",
-        )
+        _setup_perturbations(adata, control_label="none", unmatched_perturbations="drop")
     # the default keeps them as targets, but says so
     with pytest.warns(UserWarning, match=r"\['none'\].*treated as gene targets"):
-        SCFoundation.setup_anndata(
-            adata, perturbation_key="perturbation", control_label="non-targeting"
-        )
+        _setup_perturbations(adata)
     assert "none" in SCFoundation(adata, **SCF_TINY).gene_list
     # excluded: not a gene, not trained on, not predicted
     with pytest.warns(UserWarning, match=r"\['none'\].*left out"):
-        SCFoundation.setup_anndata(
-            adata,
-            perturbation_key="perturbation",
-            control_label="non-targeting",
-            unmatched_perturbations="exclude",
-        )
+        _setup_perturbations(adata, unmatched_perturbations="exclude")
     model = SCFoundation(adata, **SCF_TINY)
     assert "none" not in model.gene_list and "IRF1" in model.gene_list
     train, cells, controls = model._perturbation_training_cells(None, None)
