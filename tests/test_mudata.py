@@ -164,6 +164,15 @@ def test_query_mudata_with_other_genes_is_set_up_with_the_model_arguments(mdata)
     rna = mdata["rna"].copy()
     SCGPT.setup_anndata(rna)
     np.testing.assert_allclose(model.get_latent_representation(rna), emb, atol=1e-6)
+    # a model set up with an AnnData reads a MuData once the user has set it up
+    rna_model = SCGPT(rna, **TINY[SCGPT])
+    rna_model.module.load_state_dict(model.module.state_dict())
+    rna_model.is_trained_ = True
+    fresh = mdata.copy()
+    with pytest.raises(TypeError, match="set this MuData up first with `SCGPT.setup_mudata"):
+        rna_model.get_latent_representation(fresh)
+    SCGPT.setup_mudata(fresh)
+    np.testing.assert_allclose(rna_model.get_latent_representation(fresh), emb, atol=1e-6)
 
 
 def test_protein_counts_are_registered(mdata):
