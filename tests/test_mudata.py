@@ -223,3 +223,22 @@ def test_misaligned_modalities_are_refused(citeseq):
     partial_rna = md.MuData({"rna": rna[:20].copy(), "prot": prot})
     with pytest.raises(ValueError, match="modality 'rna' are not aligned"):
         SCFoundation.setup_mudata(partial_rna)
+
+
+def test_embed_copy_key_and_errors(mdata):
+    SCGPT.setup_mudata(mdata)
+    model = SCGPT(mdata, **TINY[SCGPT])
+    model.is_trained_ = True
+    before = _snapshot(mdata)
+    out = cf.tl.embed(mdata, model, key_added="X_mine", pooling="mean", copy=True)
+    _assert_unchanged(before, mdata)  # copy=True leaves the input alone
+    np.testing.assert_array_equal(
+        out.obsm["X_mine"], model.get_latent_representation(mdata, pooling="mean")
+    )
+    assert out.uns["X_mine"] == {"model": "SCGPT", "n_dims": 16, "pooling": "mean"}
+    with pytest.raises(TypeError, match="AnnData or MuData"):
+        cf.tl.embed(mdata["rna"].X, model)
+    with pytest.raises(TypeError, match="no get_latent_representation"):
+        cf.tl.embed(mdata, object())
+    with pytest.raises(ValueError, match="key_added"):
+        cf.tl.embed(mdata, model, key_added="")

@@ -187,9 +187,9 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
     ) -> None:
         """Validate ``adata`` and register the fields every model reads (plus ``extra_fields``)."""
         if not isinstance(adata, AnnData):
-            hint = f" Set a MuData up with `{cls.__name__}.setup_mudata`." * isinstance(
-                adata, MuData
-            )
+            hint = ""
+            if isinstance(adata, MuData):
+                hint = f" Set a MuData up with `{cls.__name__}.setup_mudata`."
             raise TypeError(f"Expected an AnnData object, got {type(adata).__name__}.{hint}")
         check_setup_keys(adata, layer=layer, obs_keys=[batch_key, labels_key], var_keys=[gene_key])
         _check_genes_and_expression(adata, layer, gene_key, is_count_data, name="adata")
@@ -289,9 +289,9 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         if not isinstance(mdata, MuData):
-            hint = f" Set an AnnData up with `{cls.__name__}.setup_anndata`." * isinstance(
-                mdata, AnnData
-            )
+            hint = ""
+            if isinstance(mdata, AnnData):
+                hint = f" Set an AnnData up with `{cls.__name__}.setup_anndata`."
             raise TypeError(f"Expected a MuData object, got {type(mdata).__name__}.{hint}")
         mods = _resolve_modalities(mdata, modalities)
         rna = mdata.mod[mods["rna_layer"]]
