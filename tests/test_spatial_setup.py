@@ -13,18 +13,6 @@ md = pytest.importorskip("mudata")
 CLASSES = [SCGPT, Geneformer, SCBERT, SCFoundation]
 
 
-@pytest.fixture(scope="module")
-def merfish_cells():
-    """40 MERFISH cells (mouse motor cortex, 253 genes) with micrometre coordinates."""
-    import anndata as ad
-
-    from cellformers.data import fetch_file, is_available
-
-    if not is_available("merfish_motor_cortex"):
-        pytest.skip("merfish_motor_cortex.h5ad not found: set CELLFORMERS_DATA")
-    return ad.read_h5ad(fetch_file("merfish_motor_cortex"))[:40].copy()
-
-
 @pytest.fixture
 def merfish(merfish_cells):
     return merfish_cells.copy()

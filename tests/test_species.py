@@ -6,53 +6,21 @@ import numpy as np
 import pandas as pd
 import pytest
 import scvi
+from tiny_models import TINY
 
 import cellformers as cf
 from cellformers.genes import GeneVocab, guess_species, map_orthologs, match_genes
-from cellformers.model import SCBERT, SCGPT, Geneformer, SCFoundation
+from cellformers.model import SCGPT
 
-TINY = {
-    SCGPT: {"d_model": 16, "nhead": 2, "d_hid": 16, "nlayers": 1, "dropout": 0.0},
-    Geneformer: {
-        "hidden_size": 16,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "intermediate_size": 32,
-    },
-    SCBERT: {"dim": 16, "depth": 1, "heads": 2, "dim_head": 8},
-    SCFoundation: {
-        "encoder_dim": 16,
-        "encoder_depth": 1,
-        "encoder_heads": 2,
-        "encoder_d_hid": 32,
-        "decoder_dim": 16,
-        "decoder_depth": 1,
-        "decoder_heads": 2,
-        "decoder_dim_head": 8,
-        "decoder_nb_features": 8,
-    },
-}
 SCGPT_VOCAB = "scgpt_human/vocab.json"
-
-
-@pytest.fixture(scope="module")
-def merfish_cells():
-    """40 MERFISH cells of the mouse motor cortex (253-gene panel, mouse symbols)."""
-    import anndata as ad
-
-    from cellformers.data import fetch_file, is_available
-
-    if not is_available("merfish_motor_cortex"):
-        pytest.skip("merfish_motor_cortex.h5ad not found: set CELLFORMERS_DATA")
-    return ad.read_h5ad(fetch_file("merfish_motor_cortex"))[:40].copy()
 
 
 @pytest.fixture(scope="module")
 def human_vocab():
     from cellformers import settings
 
-    path = settings.data_dir / "published" / SCGPT_VOCAB
-    if not path.is_file():
+    path = None if settings.data_dir is None else settings.data_dir / "published" / SCGPT_VOCAB
+    if path is None or not path.is_file():
         pytest.skip("the published scGPT vocab.json is not in the data folder")
     return GeneVocab.from_file(path)
 

@@ -112,7 +112,8 @@ def _resolve_modalities(mdata: MuData, modalities: Mapping[str, str] | None) -> 
         raise ValueError(
             f"modalities names unknown setup arguments {unknown}; use {list(_MODALITY_ARGS)}."
         )
-    mods.setdefault("rna_layer", _DEFAULT_RNA_MODALITY)
+    if mods.get("rna_layer") is None:
+        mods["rna_layer"] = _DEFAULT_RNA_MODALITY
     for arg, mod in mods.items():
         if mod is None:
             continue
