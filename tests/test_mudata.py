@@ -220,3 +220,16 @@ def test_embed_copy_key_and_errors(mdata):
         cf.tl.embed(mdata, object())
     with pytest.raises(ValueError, match="key_added"):
         cf.tl.embed(mdata, model, key_added="")
+
+
+def test_transfer_labels_between_mudata(mdata):
+    SCGPT.setup_mudata(mdata)
+    model = SCGPT(mdata, **TINY[SCGPT])
+    model.is_trained_ = True
+    reference, query = mdata[::2].copy(), mdata[1::2].copy()
+    cf.tl.transfer_labels(query, reference, label_key="batch", use_rep="X_scgpt", model=model, k=3)
+    np.testing.assert_allclose(
+        query.obsm["X_scgpt"], model.get_latent_representation(mdata)[1::2], atol=1e-6
+    )
+    assert "X_scgpt" in reference.obsm
+    assert set(query.obs["transferred_label"]) <= set(mdata.obs["batch"])
