@@ -232,3 +232,28 @@ def test_transfer_labels_between_mudata(mdata):
     )
     assert "X_scgpt" in reference.obsm
     assert set(query.obs["transferred_label"]) <= set(mdata.obs["batch"])
+
+
+def test_evaluate_integration_reads_the_mudata_obsm():
+    benchmark = pytest.importorskip("scib_metrics.benchmark")
+    from cellformers.data import fetch_file, is_available
+
+    if not is_available("pbmc_citeseq_2batch"):
+        pytest.skip("pbmc_citeseq_2batch.h5mu not found: set CELLFORMERS_DATA")
+    mdata = md.read_h5mu(fetch_file("pbmc_citeseq_2batch"))  # 400 cells, 2 batches
+    prot = np.log1p(np.asarray(mdata["prot"].X))
+    mdata.obsm["X_prot"] = prot
+    mdata.obsm["X_random"] = np.random.default_rng(0).normal(size=prot.shape)
+    cd14 = prot[:, list(mdata["prot"].var_names).index("CD14")]
+    mdata.obs["cd14"] = np.where(cd14 > np.median(cd14), "CD14 high", "CD14 low")
+    kw = {"batch_key": "batch", "label_key": "cd14", "neighbors": "exact"}
+    bio = benchmark.BioConservation(
+        isolated_labels=False, nmi_ari_cluster_labels_kmeans=False, clisi_knn=False
+    )
+    df = cf.tl.evaluate_integration(
+        mdata, ["X_prot", "X_random"], bio_conservation=bio, batch_correction=False, **kw
+    )
+    score = df.set_index(["embedding", "metric"])["value"]
+    assert score["X_prot", "Silhouette label"] > score["X_random", "Silhouette label"]
+    with pytest.raises(ValueError, match="for a MuData, e.g. a PCA of the RNA modality"):
+        cf.tl.evaluate_integration(mdata, "X_prot", bio_conservation=False, **kw)
