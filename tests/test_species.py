@@ -106,6 +106,7 @@ def test_species_errors(tmp_path, human_vocab):
         map_orthologs(["Gapdh"], species=pd.DataFrame({"only": ["Gapdh"]}))
     with pytest.raises(TypeError, match="not a single string"):
         map_orthologs("Gapdh")
+    assert list(map_orthologs(["GAPDH", "ACTB"], species="human")) == ["GAPDH", "ACTB"]
 
 
 @pytest.mark.parametrize("cls", list(TINY), ids=lambda c: c.__name__)

