@@ -289,6 +289,8 @@ class Geneformer(FoundationModelBase):
         labels_key: str | None = None,
         batch_key: str | None = None,
         n_counts_key: str | None = None,
+        *,
+        spatial_key: str | None = None,
         **kwargs,
     ):
         """%(summary)s.
@@ -311,6 +313,9 @@ class Geneformer(FoundationModelBase):
             Column of ``adata.obs`` with each cell's total counts over all genes (the official
             ``n_counts``). Give it when ``adata`` holds a subset of the measured genes; by default
             the totals are the row sums of the registered matrix.
+        spatial_key
+            Key of ``adata.obsm`` with each cell's 2-D or 3-D coordinates (``"spatial"`` in
+            squidpy and spatialdata tables); checked (one finite row per cell) and registered.
 
         """
         setup_method_args = cls._get_setup_method_args(**locals())
@@ -324,6 +329,7 @@ class Geneformer(FoundationModelBase):
         cls._register_anndata(
             adata,
             setup_method_args=setup_method_args,
+            spatial_key=spatial_key,
             layer=layer,
             batch_key=batch_key,
             labels_key=labels_key,
