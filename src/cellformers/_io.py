@@ -1,0 +1,471 @@
+"""Safe reading and crash-safe writing of the files cellformers saves and loads.
+
+Everything here avoids pickle: metadata is JSON with an explicit encoding of the few non-JSON
+types a model keeps (numpy arrays, tuples, data frames), weights are safetensors. Folders are
+written next to their destination and renamed into place, so that a writer killed at any moment
+leaves the previous content or the new one, never a mixture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import numpy as np
+import pandas as pd
+import torch
+
+__all__ = [
+    "atomic_file",
+    "atomic_folder",
+    "check_weights",
+    "decode_json_value",
+    "encode_json_value",
+    "file_inside",
+    "read_json",
+    "read_safetensors",
+    "recover_folder",
+]
+
+_TAG = "__cellformers_type__"
+_ARRAY_KINDS = "biufUO"  # bool, int, uint, float, str, object (strings only)
+
+
+# ---------------------------------------------------------------------------------- JSON values
+def encode_json_value(value: Any, *, where: str = "value") -> Any:
+    """Turn ``value`` into JSON-compatible data that :func:`decode_json_value` reverses exactly.
+
+    Plain JSON types pass through; tuples, numpy arrays and scalars, :class:`pandas.Index` and
+    :class:`pandas.DataFrame` (e.g. a training history) and dicts with non-string keys are
+    written as tagged objects.
+
+    Parameters
+    ----------
+    value
+        What to encode.
+    where
+        Name of ``value`` in error messages.
+
+    Returns
+    -------
+    The encoded value.
+
+    """
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, np.generic) and value.dtype.kind in "biuf":
+        return value.item()
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, tuple):
+        items = [encode_json_value(v, where=f"{where}[{i}]") for i, v in enumerate(value)]
+        return {_TAG: "tuple", "items": items}
+    if isinstance(value, list):
+        return [encode_json_value(v, where=f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        if all(isinstance(k, str) for k in value) and _TAG not in value:
+            return {k: encode_json_value(v, where=f"{where}[{k!r}]") for k, v in value.items()}
+        items = [
+            [encode_json_value(k, where=where), encode_json_value(v, where=f"{where}[{k!r}]")]
+            for k, v in value.items()
+        ]
+        return {_TAG: "dict", "items": items}
+    if isinstance(value, pd.DataFrame):
+        return {
+            _TAG: "dataframe",
+            "columns": [encode_json_value(c, where=where) for c in value.columns],
+            "index": _encode_array(value.index.to_numpy(), where=f"{where}.index"),
+            "index_name": encode_json_value(value.index.name, where=where),
+            "data": [
+                _encode_array(value[c].to_numpy(), where=f"{where}[{c!r}]") for c in value.columns
+            ],
+        }
+    if isinstance(value, pd.Index):
+        return {_TAG: "index", "array": _encode_array(value.to_numpy(), where=where)}
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+        return {
+            **_encode_array(array, where=where),
+            _TAG: "tensor" if isinstance(value, torch.Tensor) else "ndarray",
+        }
+    raise TypeError(
+        f"Cannot save {where} of type {type(value).__name__}: only JSON types, tuples, numpy "
+        "arrays, tensors and data frames are stored."
+    )
+
+
+def _encode_array(array: np.ndarray, *, where: str) -> dict:
+    if array.dtype.kind not in _ARRAY_KINDS or (
+        array.dtype.kind == "O" and not all(isinstance(x, str) for x in array.ravel())
+    ):
+        raise TypeError(f"Cannot save {where}: arrays of {array.dtype} are not stored.")
+    dtype = "str" if array.dtype.kind in "UO" else array.dtype.str
+    values = array.astype(str) if dtype == "str" else array
+    return {
+        _TAG: "ndarray",
+        "dtype": dtype,
+        "object": array.dtype.kind == "O",
+        "shape": list(array.shape),
+        "values": values.ravel().tolist(),
+    }
+
+
+def _decode_array(obj: Mapping, *, where: str) -> np.ndarray:
+    try:
+        shape = tuple(int(n) for n in obj["shape"])
+        if obj["dtype"] == "str":
+            array = np.array(obj["values"], dtype=object if obj["object"] else str)
+        else:
+            dtype = np.dtype(obj["dtype"])
+            if dtype.kind not in "biuf":
+                raise ValueError(f"dtype {dtype} is not stored")
+            array = np.array(obj["values"], dtype=dtype)
+        return array.reshape(shape)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{where} is not a valid encoded array: {e}") from e
+
+
+def decode_json_value(value: Any, *, where: str = "value") -> Any:
+    """Reverse :func:`encode_json_value` (only data is built, never code).
+
+    Parameters
+    ----------
+    value
+        Encoded value, as read from JSON.
+    where
+        Name of ``value`` in error messages.
+
+    Returns
+    -------
+    The decoded value.
+
+    """
+    if isinstance(value, list):
+        return [decode_json_value(v, where=f"{where}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, dict):
+        return value
+    tag = value.get(_TAG)
+    if tag is None:
+        return {k: decode_json_value(v, where=f"{where}[{k!r}]") for k, v in value.items()}
+    if tag == "tuple":
+        return tuple(decode_json_value(value.get("items", []), where=where))
+    if tag == "dict":
+        pairs = [decode_json_value(p, where=where) for p in value.get("items", [])]
+        return {(tuple(k) if isinstance(k, list) else k): v for k, v in pairs}
+    if tag == "ndarray":
+        return _decode_array(value, where=where)
+    if tag == "tensor":
+        return torch.from_numpy(_decode_array(value, where=where))
+    if tag == "index":
+        return pd.Index(_decode_array(value.get("array", {}), where=where))
+    if tag == "dataframe":
+        columns = decode_json_value(value.get("columns", []), where=where)
+        data = [_decode_array(a, where=f"{where}.data") for a in value.get("data", [])]
+        index = pd.Index(
+            _decode_array(value.get("index", {}), where=f"{where}.index"),
+            name=value.get("index_name"),
+        )
+        return pd.DataFrame(dict(zip(columns, data, strict=True)), index=index)
+    raise ValueError(f"{where} has an unknown encoded type {tag!r}.")
+
+
+# ---------------------------------------------------------------------------------- reading
+def file_inside(folder: str | os.PathLike, name: str, *, source: str | os.PathLike) -> Path:
+    """Path of the file ``name`` listed in ``source``, refusing any that leaves ``folder``.
+
+    Parameters
+    ----------
+    folder
+        Folder the file must be in.
+    name
+        File name as written in ``source`` (relative to ``folder``).
+    source
+        File that lists ``name`` (for the error message).
+
+    Returns
+    -------
+    The resolved path.
+
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{source} lists a file name that is not a string: {name!r}.")
+    base = Path(folder).resolve()
+    path = (base / name).resolve()
+    if os.path.isabs(name) or not path.is_relative_to(base):
+        raise ValueError(
+            f"{source} lists the file {name!r}, which is outside {base}; a checkpoint may only "
+            "name files inside its own folder."
+        )
+    return path
+
+
+def read_json(path: str | os.PathLike, *, what: str = "file") -> Any:
+    """Read a JSON file, naming it in every error.
+
+    Parameters
+    ----------
+    path
+        The file.
+    what
+        What the file is (for messages), e.g. ``"LoRA configuration"``.
+
+    Returns
+    -------
+    The parsed content.
+
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"The {what} {path} does not exist.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"The {what} {path} is not valid JSON ({e}); it is damaged.") from e
+
+
+def read_safetensors(path: str | os.PathLike, *, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Read a safetensors file, naming it in every error.
+
+    Parameters
+    ----------
+    path
+        The file.
+    device
+        Where to put the tensors.
+
+    Returns
+    -------
+    Name -> tensor.
+
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"The weights file {path} does not exist.")
+    try:
+        return load_file(path, device=device)
+    except Exception as e:  # safetensors raises its own error types (and OSError)
+        raise ValueError(
+            f"Could not read {path} as safetensors ({type(e).__name__}: {e}); the file is "
+            "damaged or incomplete (a Git LFS pointer, an interrupted copy)."
+        ) from e
+
+
+def check_weights(
+    tensors: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    *,
+    source: str | os.PathLike,
+) -> None:
+    """Refuse weights of the wrong kind of dtype or with NaN/inf values.
+
+    A tensor that the module keeps in floating point must be floating point and finite (an
+    integer or boolean tensor would be silently cast); any other must not be floating point.
+
+    Parameters
+    ----------
+    tensors
+        Name -> tensor read from ``source``.
+    expected
+        The module's state dict (names as in ``tensors``); names it lacks are not checked.
+    source
+        The file the tensors come from (for messages).
+
+    """
+    for name, tensor in tensors.items():
+        if name not in expected:
+            continue
+        want_float = expected[name].is_floating_point()
+        if tensor.is_floating_point() != want_float:
+            kind = "floating-point" if want_float else "integer"
+            raise ValueError(
+                f"{source}: tensor {name!r} has dtype {tensor.dtype} but the model needs a {kind} "
+                "tensor; the checkpoint is not a valid export of this model."
+            )
+        if want_float and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(
+                f"{source}: tensor {name!r} contains NaN or infinite values; the checkpoint is "
+                "damaged (or the training that wrote it diverged)."
+            )
+
+
+# ---------------------------------------------------------------------------------- writing
+def _siblings(target: Path, kind: str) -> list[Path]:
+    return sorted(target.parent.glob(f".{target.name}.{kind}-*"))
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. directories on Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _lock(target: Path, *, blocking: bool = False) -> Iterator[bool]:
+    """Hold an exclusive lock on ``target`` (a ``.<name>.lock`` sibling); yields whether held.
+
+    The lock is the operating system's, so a killed writer never leaves it behind.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(target.parent / f".{target.name}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        yield _try_lock(fd, blocking=blocking)
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _try_lock(fd: int, *, blocking: bool) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_LOCK if blocking else msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _recover(target: Path) -> None:
+    """Finish or undo a swap that a killed writer left half done (lock held)."""
+    ready, old = _siblings(target, "ready"), _siblings(target, "old")
+    if not target.exists():
+        if ready:
+            os.replace(ready.pop(), target)
+        elif old:
+            os.replace(old.pop(), target)
+    for leftover in [*ready, *old, *_siblings(target, "tmp")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+        if leftover.is_file():
+            leftover.unlink()
+
+
+def recover_folder(path: str | os.PathLike) -> None:
+    """Bring ``path`` back to its last complete state after a writer was killed.
+
+    Does nothing while another process is writing it.
+
+    Parameters
+    ----------
+    path
+        A folder (or file) written with :func:`atomic_folder` (or :func:`atomic_file`).
+
+    """
+    target = Path(path).absolute()
+    if not target.parent.is_dir() or not (
+        _siblings(target, "ready") or _siblings(target, "old") or _siblings(target, "tmp")
+    ):
+        return
+    with _lock(target) as held:
+        if held:
+            _recover(target)
+
+
+@contextmanager
+def _atomic(path: str | os.PathLike, *, overwrite: bool, folder: bool) -> Iterator[Path]:
+    target = Path(path).absolute()
+    with _lock(target) as held:
+        if not held:
+            raise RuntimeError(
+                f"Another process is writing {target}; wait for it to finish or write elsewhere."
+            )
+        _recover(target)
+        if target.exists() and not overwrite:
+            raise ValueError(f"{target} already exists; pass overwrite=True or another path.")
+        if target.exists() and target.is_dir() != folder:
+            kind = "a folder" if target.is_dir() else "a file"
+            raise ValueError(f"{target} is {kind}; pass another path.")
+        token = uuid4().hex[:12]
+        tmp = target.parent / f".{target.name}.tmp-{token}"
+        if folder:
+            tmp.mkdir()
+        try:
+            yield tmp
+            files = [p for p in tmp.rglob("*") if p.is_file()] if folder else [tmp]
+            for file in files:
+                _fsync(file)
+            if folder:
+                _fsync(tmp)
+            ready = target.parent / f".{target.name}.ready-{token}"
+            os.replace(tmp, ready)
+            _fsync(target.parent)
+            old = target.parent / f".{target.name}.old-{token}"
+            if target.exists():
+                os.replace(target, old)
+            os.replace(ready, target)
+            _fsync(target.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp.is_file():
+                tmp.unlink()
+            raise
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        elif old.exists():
+            old.unlink()
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Write a folder so that it is replaced all at once, or not at all.
+
+    The block writes into the yielded empty sibling folder; when it ends without error, the
+    files are flushed to disk and the folder takes the place of ``path`` by renames (the
+    previous folder is removed). A writer killed at any moment leaves ``path`` with its
+    previous content or the new one; the next write or :func:`recover_folder` tidies up. A
+    second process writing the same ``path`` meanwhile gets a :class:`RuntimeError`.
+
+    Parameters
+    ----------
+    path
+        The folder to write.
+    overwrite
+        Replace an existing ``path``; otherwise it is a :class:`ValueError`.
+
+    Yields
+    ------
+    The temporary folder to write into.
+
+    """
+    with _atomic(path, overwrite=overwrite, folder=True) as tmp:
+        yield tmp
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
+    """As :func:`atomic_folder` for a single file: write the yielded path, then it is renamed.
+
+    Parameters
+    ----------
+    path
+        The file to write.
+    overwrite
+        Replace an existing ``path``; otherwise it is a :class:`ValueError`.
+
+    Yields
+    ------
+    The temporary file name to write.
+
+    """
+    with _atomic(path, overwrite=overwrite, folder=False) as tmp:
+        yield tmp
