@@ -201,7 +201,9 @@ def test_killed_save_leaves_old_or_new(cells, tmp_path):
     adata_path = tmp_path / "cells.h5ad"
     cells.write_h5ad(adata_path)
     work = tmp_path / "work"
-    code = _SAVER.format(tests=str(Path(__file__).parent), adata=str(adata_path), out=str(work / "m"))
+    code = _SAVER.format(
+        tests=str(Path(__file__).parent), adata=str(adata_path), out=str(work / "m")
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env

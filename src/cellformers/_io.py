@@ -24,6 +24,7 @@ import torch
 __all__ = [
     "atomic_file",
     "atomic_folder",
+    "check_config_fields",
     "check_weights",
     "decode_json_value",
     "encode_json_value",
@@ -34,7 +35,6 @@ __all__ = [
 ]
 
 _TAG = "__cellformers_type__"
-_ARRAY_KINDS = "biufUO"  # bool, int, uint, float, str, object (strings only)
 
 
 # ---------------------------------------------------------------------------------- JSON values
@@ -100,32 +100,41 @@ def encode_json_value(value: Any, *, where: str = "value") -> Any:
     )
 
 
+_PLAIN = (str, bool, int, float, type(None))
+
+
 def _encode_array(array: np.ndarray, *, where: str) -> dict:
-    if array.dtype.kind not in _ARRAY_KINDS or (
-        array.dtype.kind == "O" and not all(isinstance(x, str) for x in array.ravel())
-    ):
+    """Encode an array of numbers, strings, or Python objects that are plain scalars."""
+    kind = array.dtype.kind
+    if kind == "O":
+        values = [x.item() if isinstance(x, np.generic) else x for x in array.ravel()]
+        if not all(isinstance(x, _PLAIN) for x in values):
+            raise TypeError(f"Cannot save {where}: an object array holds non-scalar values.")
+        dtype = "object"
+    elif kind in "biufU":
+        dtype = "str" if kind == "U" else array.dtype.str
+        values = array.ravel().tolist()
+    else:
         raise TypeError(f"Cannot save {where}: arrays of {array.dtype} are not stored.")
-    dtype = "str" if array.dtype.kind in "UO" else array.dtype.str
-    values = array.astype(str) if dtype == "str" else array
-    return {
-        _TAG: "ndarray",
-        "dtype": dtype,
-        "object": array.dtype.kind == "O",
-        "shape": list(array.shape),
-        "values": values.ravel().tolist(),
-    }
+    return {_TAG: "ndarray", "dtype": dtype, "shape": list(array.shape), "values": values}
 
 
 def _decode_array(obj: Mapping, *, where: str) -> np.ndarray:
     try:
         shape = tuple(int(n) for n in obj["shape"])
-        if obj["dtype"] == "str":
-            array = np.array(obj["values"], dtype=object if obj["object"] else str)
+        values = obj["values"]
+        if obj["dtype"] == "object":
+            if not all(isinstance(x, _PLAIN) for x in values):
+                raise ValueError("an object array may only hold plain scalars")
+            array = np.empty(len(values), dtype=object)
+            array[:] = values
+        elif obj["dtype"] == "str":
+            array = np.array(values, dtype=str)
         else:
             dtype = np.dtype(obj["dtype"])
             if dtype.kind not in "biuf":
                 raise ValueError(f"dtype {dtype} is not stored")
-            array = np.array(obj["values"], dtype=dtype)
+            array = np.array(values, dtype=dtype)
         return array.reshape(shape)
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{where} is not a valid encoded array: {e}") from e
@@ -294,6 +303,46 @@ def check_weights(
                 f"{source}: tensor {name!r} contains NaN or infinite values; the checkpoint is "
                 "damaged (or the training that wrote it diverged)."
             )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_number(value) -> bool:
+    return (_is_int(value) or isinstance(value, (float, np.floating))) and np.isfinite(value)
+
+
+_FIELD_KINDS = {
+    "positive int": lambda v: _is_int(v) and v > 0,
+    "non-negative int": lambda v: _is_int(v) and v >= 0,
+    "probability": lambda v: _is_number(v) and 0 <= v <= 1,
+    "positive number": lambda v: _is_number(v) and v > 0,
+    "number": _is_number,
+}
+
+
+def check_config_fields(
+    config: Mapping[str, Any], fields: Mapping[str, str], *, source: str | os.PathLike
+) -> None:
+    """Check the types and ranges of configuration fields, naming the file and the field.
+
+    Parameters
+    ----------
+    config
+        The configuration (absent fields are not checked).
+    fields
+        Field -> kind: ``"positive int"``, ``"non-negative int"``, ``"probability"``,
+        ``"positive number"`` or ``"number"`` (finite).
+    source
+        The file the configuration comes from.
+
+    """
+    if not isinstance(config, Mapping):
+        raise ValueError(f"{source} must hold a JSON object, got {type(config).__name__}.")
+    for field, kind in fields.items():
+        if field in config and config[field] is not None and not _FIELD_KINDS[kind](config[field]):
+            raise ValueError(f"{source}: field {field!r} must be a {kind}, got {config[field]!r}.")
 
 
 # ---------------------------------------------------------------------------------- writing

@@ -1009,7 +1009,7 @@ def _check_saved_meta(meta, path: Path, cls: type) -> dict:
 
 
 def _read_saved_adata(folder: Path, names: dict[str, str], registry: dict):
-    """The AnnData (or MuData) saved with a model, or `False` when there is none."""
+    """Read the AnnData (or MuData) saved with a model; `False` when there is none."""
     from scvi.data._constants import _SETUP_METHOD_NAME
 
     is_mudata = registry.get(_SETUP_METHOD_NAME) == "setup_mudata"

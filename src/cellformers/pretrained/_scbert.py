@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .._io import check_weights
 from ._utils import compare_keys, raise_key_mismatch
 
 logger = logging.getLogger(__name__)
@@ -377,6 +378,7 @@ def load_scbert_state_dict(
     if missing or unexpected or mismatched:
         hints = _explain(module, missing, unexpected, mismatched)
         raise_key_mismatch("scBERT", module, missing, unexpected, mismatched, hints)
+    check_weights(given, module.state_dict(), source="The scBERT weights")
     module.load_state_dict(given, strict=True)
     if kept_head:
         logger.info(

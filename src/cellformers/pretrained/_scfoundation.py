@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._io import atomic_file, check_config_fields, check_weights
 from ..nn._performer import default_nb_features
 from ._utils import compare_keys, raise_key_mismatch
 
@@ -306,6 +307,16 @@ def _config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str,
     }
 
 
+_PART_FIELDS = {
+    **dict.fromkeys(
+        ("hidden_dim", "depth", "heads", "dim_feedforward", "ff_mult", "dim_head", "nb_features"),
+        "positive int",
+    ),
+    **dict.fromkeys(("dropout", "ff_dropout", "attn_dropout"), "probability"),
+    "layer_norm_eps": "positive number",
+}
+
+
 def scfoundation_module_kwargs(config: Mapping[str, Any], **overrides: Any) -> dict[str, Any]:
     """Keyword arguments of :class:`~cellformers.module.SCFoundationModule` from a checkpoint config.
 
@@ -348,6 +359,25 @@ def scfoundation_module_kwargs(config: Mapping[str, Any], **overrides: Any) -> d
     seq_len = flat.get("seq_len", flat.get("gene_num"))
     if seq_len is None:
         raise KeyError("The scFoundation config has no 'seq_len' (n_genes + 2).")
+    source = "The scFoundation config"
+    check_config_fields(
+        {"seq_len": seq_len, **{k: flat.get(k) for k in ("bin_num", "bin_alpha")}},
+        {"seq_len": "positive int", "bin_num": "positive int", "bin_alpha": "number"},
+        source=source,
+    )
+    for part, fields, needed in (
+        ("encoder", enc, ("hidden_dim", "depth")),
+        ("decoder", dec, ("hidden_dim", "depth", "heads")),
+    ):
+        absent = [k for k in needed if fields.get(k) is None]
+        if absent:
+            raise KeyError(f"{source} lacks {part} settings {absent}.")
+        check_config_fields(fields, _PART_FIELDS, source=f"{source} ({part} settings)")
+    if enc.get("heads") is not None and enc["hidden_dim"] % enc["heads"]:
+        raise ValueError(
+            f"{source}: encoder hidden_dim {enc['hidden_dim']} is not divisible by heads "
+            f"{enc['heads']}."
+        )
     enc_dim = int(enc["hidden_dim"])
     kwargs: dict[str, Any] = {
         "n_genes": int(seq_len) - 2,
@@ -539,6 +569,7 @@ def load_scfoundation_state_dict(
             mismatched,
             hints,
         )
+    check_weights(given, module.state_dict(), source="The scFoundation weights")
     module.load_state_dict(given, strict=not head_only)
     return module
 
@@ -687,7 +718,6 @@ def save_scfoundation_checkpoint(
         if config:
             flat.update(config)
         out[version] = {"config": _nest(flat), "state_dict": cache[id(module)]}
-    file = Path(path)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(out, file)
-    return file
+    with atomic_file(path) as tmp:  # an interrupted write leaves the previous file
+        torch.save(out, tmp)
+    return Path(path)
