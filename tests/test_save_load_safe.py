@@ -19,7 +19,7 @@ from test_lora import MODELS, _model
 
 import cellformers as cf
 from cellformers._io import (
-    atomic_folder,
+    atomic_write,
     decode_json_value,
     encode_json_value,
     file_inside,
@@ -78,6 +78,10 @@ def test_round_trip_and_no_pickle(cells, name, tmp_path):
             "categorical_mapping"
         ],
     )
+    assert (
+        type(model).load_registry(tmp_path / "m")["setup_args"]
+        == (model.adata_manager.registry["setup_args"])
+    )
     with pytest.raises(ValueError, match="already exists"):
         model.save(tmp_path / "m")
     # no leftovers next to the folder
@@ -94,6 +98,10 @@ def test_pickled_model_pt_is_refused_and_runs_nothing(cells, name, tmp_path):
         pickle.dump({"model_state_dict": _Planted(marker)}, f)
     with pytest.raises(ValueError, match="pickle format.*refused"):
         type(model).load(folder, adata=model.adata)
+    with pytest.raises(ValueError, match="pickle format.*refused"):
+        type(model).load_registry(folder)
+    with pytest.raises(ValueError, match="pickle format.*refused"):
+        type(model).view_setup_args(folder)
     assert not marker.exists()
     # conversion needs the explicit opt-in; without it nothing is read
     with pytest.raises(ValueError, match="trust_pickle=True"):
@@ -154,10 +162,10 @@ def test_file_inside_refuses_escapes(tmp_path):
 
 
 def test_concurrent_writer_gets_a_clear_error(tmp_path):
-    with atomic_folder(tmp_path / "m") as tmp:
+    with atomic_write(tmp_path / "m") as tmp:
         (tmp / "f").write_text("1")
         with pytest.raises(RuntimeError, match="Another process is writing"):
-            with atomic_folder(tmp_path / "m", overwrite=True):
+            with atomic_write(tmp_path / "m", overwrite=True):
                 pass
     assert (tmp_path / "m" / "f").read_text() == "1"
 

@@ -22,9 +22,9 @@ import pandas as pd
 import torch
 
 __all__ = [
-    "atomic_file",
-    "atomic_folder",
+    "atomic_write",
     "check_config_fields",
+    "check_format",
     "check_weights",
     "decode_json_value",
     "encode_json_value",
@@ -364,7 +364,7 @@ def _fsync(path: Path) -> None:
 
 
 @contextmanager
-def _lock(target: Path, *, blocking: bool = False) -> Iterator[bool]:
+def _lock(target: Path) -> Iterator[bool]:
     """Hold an exclusive lock on ``target`` (a ``.<name>.lock`` sibling); yields whether held.
 
     The lock is the operating system's, so a killed writer never leaves it behind.
@@ -372,24 +372,25 @@ def _lock(target: Path, *, blocking: bool = False) -> Iterator[bool]:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(target.parent / f".{target.name}.lock", os.O_CREAT | os.O_RDWR, 0o644)
     try:
-        yield _try_lock(fd, blocking=blocking)
+        yield _try_lock(fd)
     finally:
         os.close(fd)  # closing the descriptor releases the lock
 
 
-def _try_lock(fd: int, *, blocking: bool) -> bool:
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive lock on the open file ``fd`` without waiting; whether it was free."""
     try:
         import fcntl
     except ImportError:  # Windows
         import msvcrt
 
         try:
-            msvcrt.locking(fd, msvcrt.LK_LOCK if blocking else msvcrt.LK_NBLCK, 1)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
         except OSError:
             return False
         return True
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
     return True
@@ -417,7 +418,7 @@ def recover_folder(path: str | os.PathLike) -> None:
     Parameters
     ----------
     path
-        A folder (or file) written with :func:`atomic_folder` (or :func:`atomic_file`).
+        A folder (or file) written with :func:`atomic_write`.
 
     """
     target = Path(path).absolute()
@@ -475,46 +476,60 @@ def _atomic(path: str | os.PathLike, *, overwrite: bool, folder: bool) -> Iterat
 
 
 @contextmanager
-def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Write a folder so that it is replaced all at once, or not at all.
+def atomic_write(
+    path: str | os.PathLike, *, folder: bool = True, overwrite: bool = False
+) -> Iterator[Path]:
+    """Write a folder (or a file) so that it is replaced all at once, or not at all.
 
-    The block writes into the yielded empty sibling folder; when it ends without error, the
-    files are flushed to disk and the folder takes the place of ``path`` by renames (the
-    previous folder is removed). A writer killed at any moment leaves ``path`` with its
-    previous content or the new one; the next write or :func:`recover_folder` tidies up. A
-    second process writing the same ``path`` meanwhile gets a :class:`RuntimeError`.
+    The block writes into the yielded sibling path (an empty folder, or a file name to
+    create); when it ends without error, the files are flushed to disk and the result takes
+    the place of ``path`` by renames (the previous content is removed). A writer killed at any
+    moment leaves ``path`` with its previous content or the new one; the next write or
+    :func:`recover_folder` tidies up. A second process writing the same ``path`` meanwhile gets
+    a :class:`RuntimeError`.
 
     Parameters
     ----------
     path
-        The folder to write.
+        The folder (or file) to write.
+    folder
+        Write a folder; otherwise a single file.
     overwrite
         Replace an existing ``path``; otherwise it is a :class:`ValueError`.
 
     Yields
     ------
-    The temporary folder to write into.
+    The temporary folder (or file name) to write.
 
     """
-    with _atomic(path, overwrite=overwrite, folder=True) as tmp:
+    with _atomic(path, overwrite=overwrite, folder=folder) as tmp:
         yield tmp
 
 
-@contextmanager
-def atomic_file(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
-    """As :func:`atomic_folder` for a single file: write the yielded path, then it is renamed.
+def check_format(meta: Any, path: str | os.PathLike, *, name: str, version: int) -> dict:
+    """Check the ``format`` and ``format_version`` fields of a cellformers JSON file.
 
     Parameters
     ----------
+    meta
+        The file's parsed content.
     path
-        The file to write.
-    overwrite
-        Replace an existing ``path``; otherwise it is a :class:`ValueError`.
+        The file (for messages).
+    name
+        Expected ``format``.
+    version
+        Expected ``format_version``.
 
-    Yields
-    ------
-    The temporary file name to write.
+    Returns
+    -------
+    ``meta``.
 
     """
-    with _atomic(path, overwrite=overwrite, folder=False) as tmp:
-        yield tmp
+    if not isinstance(meta, dict) or meta.get("format") != name:
+        raise ValueError(f"{path} is not a cellformers file of format {name!r}.")
+    if meta.get("format_version") != version:
+        raise ValueError(
+            f"{path} has format_version {meta.get('format_version')!r}; this version of "
+            f"cellformers reads version {version}."
+        )
+    return meta

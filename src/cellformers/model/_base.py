@@ -23,7 +23,8 @@ from scvi.data.fields import CategoricalObsField, LayerField, NumericalObsField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from .._io import (
-    atomic_folder,
+    atomic_write,
+    check_format,
     check_weights,
     decode_json_value,
     encode_json_value,
@@ -778,36 +779,22 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         prefix
             Prefix of the file names.
         overwrite
-            Replace an existing folder; otherwise an existing ``dir_path`` is an error.
+            Replace an existing folder (as a whole: files of other names in it are removed);
+            otherwise an existing ``dir_path`` is an error.
         save_anndata
             Also save the AnnData the model was set up with.
         anndata_write_kwargs
             Passed to :meth:`anndata.AnnData.write_h5ad` (or MuData's ``write``).
 
         """
-        from safetensors.torch import save_file
-
         state = self.module.state_dict()
-        not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-        if not_tensors:
-            raise TypeError(f"The network's state holds non-tensor entries {not_tensors[:3]}.")
         attrs = {name: value for name, value in self._get_user_attributes() if name[-1] == "_"}
-        meta = {
-            "format": _SAVE_FORMAT,
-            "format_version": _SAVE_FORMAT_VERSION,
-            "model_class": type(self).__name__,
-            "var_names": encode_json_value(self.get_var_names(), where="var_names"),
-            "attr_dict": encode_json_value(attrs, where="model attribute"),
-        }
-        # clone: safetensors refuses tensors that share memory (tied weights)
-        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
         names = _saved_file_names(prefix)
-        with atomic_folder(dir_path, overwrite=overwrite) as tmp:
+        with atomic_write(dir_path, overwrite=overwrite) as tmp:
             if save_anndata:
                 name = names["adata"] if isinstance(self.adata, AnnData) else names["mdata"]
                 self.adata.write(tmp / name, **anndata_write_kwargs)
-            save_file(tensors, tmp / names["weights"], metadata={"format": "pt"})
-            (tmp / names["meta"]).write_text(json.dumps(meta), encoding="utf-8")
+            _write_saved_model(tmp, names, type(self), state, self.get_var_names(), attrs)
 
     @classmethod
     def load(
@@ -847,7 +834,7 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         The model, in evaluation mode.
 
         """
-        from scvi.data._constants import _MODEL_NAME_KEY, _SETUP_ARGS_KEY, _SETUP_METHOD_NAME
+        from scvi.data._constants import _SETUP_ARGS_KEY, _SETUP_METHOD_NAME
         from scvi.model._utils import parse_device_args
         from scvi.model.base._save_load import _initialize_model, _validate_var_names
 
@@ -855,27 +842,13 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             accelerator=accelerator, devices=device, return_device="torch",
             validate_single_device=True,
         )  # fmt: skip
-        folder = Path(dir_path)
-        recover_folder(folder)
-        names = _saved_file_names(prefix)
-        meta_file, weights_file = folder / names["meta"], folder / names["weights"]
-        if not meta_file.is_file() and (folder / names["legacy"]).is_file():
-            raise ValueError(
-                f"{folder / names['legacy']} is a model saved in the pickle format of older "
-                "versions; loading it could run code stored in the file, so it is refused. If you "
-                f"trust where it comes from, convert it once with {cls.__name__}."
-                "convert_legacy_save(dir_path, output_dir_path) and load the new folder."
-            )
-        if backup_url is not None and not meta_file.is_file():
+        if backup_url is not None:
             raise ValueError("backup_url is not supported; download the saved folder first.")
-        meta = _check_saved_meta(read_json(meta_file, what="saved model file"), meta_file, cls)
-        var_names = decode_json_value(meta["var_names"], where=f"{meta_file}: var_names")
-        attr_dict = decode_json_value(meta["attr_dict"], where=f"{meta_file}: attr_dict")
+        folder = Path(dir_path)
+        names = _saved_file_names(prefix)
+        var_names, attr_dict = cls._read_saved_meta(folder, names)
+        meta_file, weights_file = folder / names["meta"], folder / names["weights"]
         registry = attr_dict.pop("registry_")
-        if registry.get(_MODEL_NAME_KEY, cls.__name__) != cls.__name__:
-            raise ValueError(
-                f"{meta_file} holds a {registry[_MODEL_NAME_KEY]} model, not a {cls.__name__}."
-            )
         state = read_safetensors(weights_file)
         if adata is None:
             adata = _read_saved_adata(folder, names, registry)
@@ -900,6 +873,61 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         if adata:
             model._validate_anndata(adata)
         return model
+
+    @classmethod
+    def _read_saved_meta(cls, folder: Path, names: dict[str, str]) -> tuple:
+        """Gene names and attributes saved in ``model.json`` (refusing pickled saves)."""
+        from scvi.data._constants import _MODEL_NAME_KEY
+
+        recover_folder(folder)
+        meta_file = folder / names["meta"]
+        if not meta_file.is_file() and (folder / names["legacy"]).is_file():
+            raise ValueError(
+                f"{folder / names['legacy']} is a model saved in the pickle format of older "
+                "versions; loading it could run code stored in the file, so it is refused. If you "
+                f"trust where it comes from, convert it once with {cls.__name__}."
+                "convert_legacy_save(dir_path, output_dir_path, trust_pickle=True) and load the "
+                "new folder."
+            )
+        meta = _check_saved_meta(read_json(meta_file, what="saved model file"), meta_file, cls)
+        var_names = decode_json_value(meta["var_names"], where=f"{meta_file}: var_names")
+        attr_dict = decode_json_value(meta["attr_dict"], where=f"{meta_file}: attr_dict")
+        model_name = attr_dict["registry_"].get(_MODEL_NAME_KEY, cls.__name__)
+        if model_name != cls.__name__:
+            raise ValueError(f"{meta_file} holds a {model_name} model, not a {cls.__name__}.")
+        return var_names, attr_dict
+
+    @classmethod
+    def load_registry(cls, dir_path: str | os.PathLike, prefix: str | None = None) -> dict:
+        """Return the AnnData registry saved with a model (read safely, as :meth:`load` does).
+
+        Parameters
+        ----------
+        dir_path
+            Folder written by :meth:`save`.
+        prefix
+            Prefix of the file names.
+
+        Returns
+        -------
+        The registry.
+
+        """
+        return cls._read_saved_meta(Path(dir_path), _saved_file_names(prefix))[1]["registry_"]
+
+    @classmethod
+    def view_setup_args(cls, dir_path: str | os.PathLike, prefix: str | None = None) -> None:
+        """Print the arguments a saved model's AnnData was set up with.
+
+        Parameters
+        ----------
+        dir_path
+            Folder written by :meth:`save`.
+        prefix
+            Prefix of the file names.
+
+        """
+        AnnDataManager.view_setup_method_args(cls.load_registry(dir_path, prefix))
 
     @classmethod
     def convert_legacy_save(
@@ -950,26 +978,37 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             raise ValueError(f"{old} is not a saved scvi-tools model (it lacks {list(keys)}).")
         state = dict(saved[keys[0]])
         state.pop("pyro_param_store", None)
-        meta = {
-            "format": _SAVE_FORMAT,
-            "format_version": _SAVE_FORMAT_VERSION,
-            "model_class": cls.__name__,
-            "var_names": encode_json_value(saved[keys[1]], where=f"{old}: var_names"),
-            "attr_dict": encode_json_value(saved[keys[2]], where=f"{old}: attributes"),
-        }
-        from safetensors.torch import save_file
-
-        tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
-        with atomic_folder(output_dir_path, overwrite=overwrite) as tmp:
+        with atomic_write(output_dir_path, overwrite=overwrite) as tmp:
             for name in (names["adata"], names["mdata"]):
                 if (Path(dir_path) / name).is_file():
                     shutil.copyfile(Path(dir_path) / name, tmp / name)
-            save_file(tensors, tmp / names["weights"], metadata={"format": "pt"})
-            (tmp / names["meta"]).write_text(json.dumps(meta), encoding="utf-8")
+            _write_saved_model(tmp, names, cls, state, saved[keys[1]], saved[keys[2]])
 
 
 _SAVE_FORMAT = "cellformers-model"
 _SAVE_FORMAT_VERSION = 1
+
+
+def _write_saved_model(
+    folder: Path, names: dict[str, str], cls: type, state: dict, var_names, attrs: dict
+) -> None:
+    """Write the weights (safetensors) and everything else (JSON) of a saved model."""
+    from safetensors.torch import save_file
+
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise TypeError(f"The network's state holds non-tensor entries {not_tensors[:3]}.")
+    meta = {
+        "format": _SAVE_FORMAT,
+        "format_version": _SAVE_FORMAT_VERSION,
+        "model_class": cls.__name__,
+        "var_names": encode_json_value(var_names, where="var_names"),
+        "attr_dict": encode_json_value(attrs, where="model attribute"),
+    }
+    # clone: safetensors refuses tensors that share memory (tied weights)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    save_file(tensors, folder / names["weights"], metadata={"format": "pt"})
+    (folder / names["meta"]).write_text(json.dumps(meta), encoding="utf-8")
 
 
 def _saved_file_names(prefix: str | None) -> dict[str, str]:
@@ -990,13 +1029,7 @@ def _saved_file_names(prefix: str | None) -> dict[str, str]:
 
 def _check_saved_meta(meta, path: Path, cls: type) -> dict:
     """Check the fields of a saved ``model.json``."""
-    if not isinstance(meta, dict) or meta.get("format") != _SAVE_FORMAT:
-        raise ValueError(f"{path} is not a saved cellformers model (no format {_SAVE_FORMAT!r}).")
-    if meta.get("format_version") != _SAVE_FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has format_version {meta.get('format_version')!r}; this version of "
-            f"cellformers reads version {_SAVE_FORMAT_VERSION}."
-        )
+    check_format(meta, path, name=_SAVE_FORMAT, version=_SAVE_FORMAT_VERSION)
     if meta.get("model_class") != cls.__name__:
         raise ValueError(f"{path} holds a {meta.get('model_class')} model, not a {cls.__name__}.")
     attrs = meta.get("attr_dict")

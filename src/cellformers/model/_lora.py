@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from .._io import (
-    atomic_folder,
+    atomic_write,
     check_config_fields,
+    check_format,
     check_weights,
     read_json,
     read_safetensors,
@@ -286,7 +287,7 @@ class LoRAMixin:
             "base_weights_sha256": self._lora_fingerprint(list(weights)),
             "head": head_info,
         }
-        with atomic_folder(dir_path, overwrite=overwrite) as tmp:
+        with atomic_write(dir_path, overwrite=overwrite) as tmp:
             save_file(tensors, tmp / _WEIGHTS_FILE)
             (tmp / _CONFIG_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
 
@@ -458,13 +459,7 @@ _META_FIELDS = {
 
 def _check_lora_meta(meta, path: Path) -> dict:
     """Check every field of a ``lora_config.json``, naming the file and the field."""
-    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
-        raise ValueError(f"{path} is not a cellformers LoRA configuration (format {_FORMAT!r}).")
-    if meta.get("format_version") != _FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has format_version {meta.get('format_version')!r}; this version reads "
-            f"{_FORMAT_VERSION}."
-        )
+    check_format(meta, path, name=_FORMAT, version=_FORMAT_VERSION)
     required = ("model_class", *_META_FIELDS, "targets", "adapted_weights", "base_weights_sha256")
     absent = [k for k in required if k not in meta]
     if absent:

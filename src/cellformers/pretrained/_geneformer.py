@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .._io import (
-    atomic_folder,
+    atomic_write,
     check_config_fields,
     check_weights,
     file_inside,
@@ -716,7 +716,7 @@ def save_geneformer_checkpoint(
         config.update(config_extra)
     tensors = {k: v.contiguous() for k, v in geneformer_state_dict_to_hf(module).items()}
     files = {CONFIG_FILE: config, **(json_files or {})}
-    with atomic_folder(path, overwrite=True) as tmp:
+    with atomic_write(path, overwrite=True) as tmp:
         save_file(tensors, tmp / SAFETENSORS_FILE, metadata={"format": "pt"})
         for name, content in files.items():
             style = {"indent": 2, "sort_keys": True} if name == CONFIG_FILE else {}

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._io import atomic_file, check_config_fields, check_weights
+from .._io import atomic_write, check_config_fields, check_weights
 from ..nn._performer import default_nb_features
 from ._utils import compare_keys, raise_key_mismatch
 
@@ -718,6 +718,8 @@ def save_scfoundation_checkpoint(
         if config:
             flat.update(config)
         out[version] = {"config": _nest(flat), "state_dict": cache[id(module)]}
-    with atomic_file(path) as tmp:  # an interrupted write leaves the previous file
+    with atomic_write(
+        path, folder=False, overwrite=True
+    ) as tmp:  # an interrupted write leaves the previous file
         torch.save(out, tmp)
     return Path(path)
