@@ -326,3 +326,31 @@ def test_bad_scfoundation_config(part, change, match):
     config[part].update(change)
     with pytest.raises((ValueError, KeyError), match=match):
         scfoundation_module_kwargs(config)
+
+
+# ---------------------------------------------------------------------------- torch files
+def test_torch_files_need_a_safe_torch(tmp_path, monkeypatch):
+    from cellformers._io import read_torch_file
+
+    torch.save({"w": torch.ones(2)}, tmp_path / "w.pt")
+    assert torch.equal(read_torch_file(tmp_path / "w.pt")["w"], torch.ones(2))
+    _truncate(tmp_path / "w.pt")
+    with pytest.raises(RuntimeError, match="w.pt"):
+        read_torch_file(tmp_path / "w.pt")
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cpu")
+    with pytest.raises(RuntimeError, match="needs torch >= 2.6"):
+        read_torch_file(tmp_path / "w.pt")
+
+
+def test_failed_lora_load_does_not_add_a_head(cells, tmp_path):
+    model = _model(cells, "scbert")
+    model._prepare_classifier(3)
+    model.add_lora(rank=2)
+    model.save_lora(tmp_path / "adapters")
+    _edit_json(tmp_path / "adapters" / "lora_config.json", lambda m: m.update(rank=4))
+    fresh = _model(cells, "scbert")
+    module, init_params = fresh.module, json.dumps(fresh.init_params_, default=str)
+    with pytest.raises(ValueError, match="shape mismatches"):
+        fresh.load_lora(tmp_path / "adapters")
+    assert fresh.module is module and fresh.module.n_labels == 0 and fresh.lora_ is None
+    assert json.dumps(fresh.init_params_, default=str) == init_params

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -31,6 +33,7 @@ __all__ = [
     "file_inside",
     "read_json",
     "read_safetensors",
+    "read_torch_file",
     "recover_folder",
 ]
 
@@ -264,6 +267,53 @@ def read_safetensors(path: str | os.PathLike, *, device: str = "cpu") -> dict[st
         raise ValueError(
             f"Could not read {path} as safetensors ({type(e).__name__}: {e}); the file is "
             "damaged or incomplete (a Git LFS pointer, an interrupted copy)."
+        ) from e
+
+
+#: First torch whose ``torch.load(weights_only=True)`` has no known bypass (CVE-2025-32434).
+_SAFE_TORCH = (2, 6)
+
+
+def read_torch_file(path: str | os.PathLike) -> Any:
+    """Read a ``torch.save`` file with ``torch.load(weights_only=True)``, naming it in errors.
+
+    Only tensors, plain containers, numbers and strings are rebuilt; a file that names any
+    other Python object is refused before anything runs.
+
+    Parameters
+    ----------
+    path
+        The file.
+
+    Returns
+    -------
+    The file's content.
+
+    """
+    file = Path(path)
+    found = tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2])
+    if found < _SAFE_TORCH:
+        raise RuntimeError(
+            f"Reading {file} needs torch >= {'.'.join(map(str, _SAFE_TORCH))}: in torch "
+            f"{torch.__version__}, torch.load(weights_only=True) can be made to run code. "
+            "Upgrade torch."
+        )
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if "Unsupported global" in ln), lines[0] if lines else "")
+        reason = reason.removeprefix("WeightsUnpickler error: ").split(" Please use")[0]
+        raise RuntimeError(
+            f"{file} holds Python objects that torch.load(weights_only=True) refuses to "
+            f"unpickle ({reason}). cellformers never unpickles arbitrary code; re-save the "
+            "checkpoint with plain dicts, lists, numbers, strings and tensors (e.g. convert its "
+            "config to a dict) and read that file."
+        ) from e
+    except Exception as e:  # truncated or not a torch file
+        raise RuntimeError(
+            f"Could not read {file} with torch.load(weights_only=True) ({type(e).__name__}: "
+            f"{e}); the file is damaged or not a torch.save file."
         ) from e
 
 

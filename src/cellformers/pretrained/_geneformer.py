@@ -27,6 +27,7 @@ from .._io import (
     file_inside,
     read_json,
     read_safetensors,
+    read_torch_file,
 )
 from ._utils import compare_keys, raise_key_mismatch
 
@@ -261,12 +262,7 @@ def _read_weights(folder: Path, present: list[str]) -> dict[str, torch.Tensor]:
 
 
 def _load_bin(file: Path) -> dict[str, torch.Tensor]:
-    try:
-        raw = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RuntimeError(
-            f"Could not read {file} as a plain state dict with torch.load(weights_only=True): {e}"
-        ) from e
+    raw = read_torch_file(file)
     if not isinstance(raw, Mapping) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
         raise ValueError(f"{file} does not hold a plain state dict of tensors.")
     return dict(raw)

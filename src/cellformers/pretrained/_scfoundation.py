@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import re
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._io import atomic_write, check_config_fields, check_weights
+from .._io import atomic_write, check_config_fields, check_weights, read_torch_file
 from ..nn._performer import default_nb_features
 from ._utils import compare_keys, raise_key_mismatch
 
@@ -113,23 +112,6 @@ class ScFoundationCheckpoint:
 
 
 # ---------------------------------------------------------------------------------- reading
-def _torch_load(file: Path) -> Any:
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        reason = next((ln for ln in lines if "Unsupported global" in ln), lines[0] if lines else "")
-        reason = reason.removeprefix("WeightsUnpickler error: ").split(" Please use")[0]
-        raise RuntimeError(
-            f"{file} holds Python objects that torch.load(weights_only=True) refuses to "
-            f"unpickle ({reason}). cellformers never unpickles arbitrary code; re-save the checkpoint "
-            "with plain dicts, lists, numbers, strings and tensors (e.g. convert its config to a "
-            "dict) and read that file."
-        ) from e
-    except Exception as e:
-        raise RuntimeError(f"Could not read {file} with torch.load(weights_only=True): {e}") from e
-
-
 def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
@@ -208,7 +190,7 @@ def read_scfoundation_checkpoint(
         raise FileNotFoundError(
             f"scFoundation checkpoint {file} does not exist (expected a file such as models.ckpt)."
         )
-    raw = _torch_load(file)
+    raw = read_torch_file(file)
     if not isinstance(raw, Mapping):
         raise ValueError(f"{file} holds a {type(raw).__name__}, not a checkpoint dict.")
     if any(v in raw for v in VERSIONS) and not _is_state_dict(raw):

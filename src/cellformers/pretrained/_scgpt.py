@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .._io import check_config_fields, check_weights, read_json
+from .._io import check_config_fields, check_weights, read_json, read_torch_file
 from ..genes import GeneVocab
 
 logger = logging.getLogger(__name__)
@@ -125,13 +125,7 @@ def read_scgpt_checkpoint(folder: str | os.PathLike) -> ScGPTCheckpoint:
     pad_token = args.get("pad_token", "<pad>")
     vocab = GeneVocab.from_file(folder / "vocab.json", pad_token=pad_token)
 
-    try:
-        raw = torch.load(folder / "best_model.pt", map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling refused or corrupt file
-        raise RuntimeError(
-            f"Could not read {folder / 'best_model.pt'} as a plain state dict with "
-            f"torch.load(weights_only=True): {e}"
-        ) from e
+    raw = read_torch_file(folder / "best_model.pt")
     state_dict = normalize_scgpt_state_dict(raw, vocab=vocab)
     config = _config_from_args(args, state_dict)
     return ScGPTCheckpoint(config=config, vocab=vocab, state_dict=state_dict, args=args)
