@@ -83,6 +83,10 @@ SAVED_CASES = {
         lambda d: _edit_json(d / "model.json", lambda m: m.update(model_class="SCVI")),
         "SCVI",
     ),
+    "private attribute": (
+        lambda d: _edit_json(d / "model.json", lambda m: m["attr_dict"].update(_module=1)),
+        "_module",
+    ),
     "NaN weight": (lambda d: _edit_tensors(d / "model.safetensors", _nan), "NaN"),
     "int32 weight": (lambda d: _edit_tensors(d / "model.safetensors", _to_int), "int32"),
     "bool weight": (lambda d: _edit_tensors(d / "model.safetensors", _to_bool), "bool"),

@@ -1038,6 +1038,13 @@ def _check_saved_meta(meta, path: Path, cls: type) -> dict:
             raise ValueError(f"{path}: field attr_dict.{field} is missing or not an object.")
     if "var_names" not in meta:
         raise ValueError(f"{path}: field var_names is missing.")
+    # load() sets every saved attribute on the model: only public ``name_`` attributes
+    odd = [k for k in attrs if not (k.endswith("_") and k[0].isalpha() and k.isidentifier())]
+    if odd:
+        raise ValueError(f"{path}: attr_dict holds fields that are not model attributes: {odd}.")
+    for group in ("non_kwargs", "kwargs"):
+        if not isinstance(attrs["init_params_"].get(group, {}), dict):
+            raise ValueError(f"{path}: field attr_dict.init_params_.{group} is not an object.")
     return meta
 
 
