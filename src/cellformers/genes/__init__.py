@@ -1,6 +1,6 @@
 """Gene vocabularies and gene-name matching (symbols, Ensembl IDs, human orthologs)."""
 
-from ._io import read_gene_dict, read_gene_index, read_gene_list
+from ._io import check_gene_dict, read_gene_dict, read_gene_index, read_gene_list
 from ._match import GeneMatch, match_genes
 from ._orthologs import guess_species, map_orthologs
 from ._table import ensembl_to_symbol, gene_table, strip_ensembl_version, symbol_to_ensembl
@@ -10,6 +10,7 @@ __all__ = [
     "SCGPT_SPECIALS",
     "GeneMatch",
     "GeneVocab",
+    "check_gene_dict",
     "ensembl_to_symbol",
     "gene_table",
     "guess_species",

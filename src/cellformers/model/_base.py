@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
+import warnings
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from uuid import uuid4
 
+import anndata
 import numpy as np
 import pandas as pd
 import torch
@@ -25,6 +31,16 @@ from scvi.data.fields import (
 )
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
+from .._io import (
+    atomic_write,
+    check_format,
+    check_weights,
+    decode_json_value,
+    encode_json_value,
+    read_json,
+    read_safetensors,
+    recover_folder,
+)
 from ..data import (
     TokenizingCollator,
     check_expression,
@@ -1025,3 +1041,321 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
                 change.astype(np.float32), index=out.var_names, columns=list(expression[1])
             )
         return out
+
+    # ------------------------------------------------------------------ saving and loading
+    def save(
+        self,
+        dir_path: str | os.PathLike,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+        **anndata_write_kwargs,
+    ) -> None:
+        """Save the model into a folder, without pickle and all at once.
+
+        Writes ``model.safetensors`` (the network's weights) and ``model.json`` (the gene names,
+        the constructor arguments, the AnnData registry, the LoRA configuration and the other
+        saved attributes, as JSON), plus ``adata.h5ad`` with ``save_anndata``. The files are
+        written into a temporary folder next to ``dir_path`` that then replaces it, so a save
+        that is interrupted leaves the previous save (or none) intact; a second process saving
+        to the same folder at the same time gets an error. :meth:`load` reads the folder back
+        without running any code stored in it.
+
+        Parameters
+        ----------
+        dir_path
+            Folder to write.
+        prefix
+            Prefix of the file names.
+        overwrite
+            Replace an existing folder (as a whole: files of other names in it are removed);
+            otherwise an existing ``dir_path`` is an error.
+        save_anndata
+            Also save the AnnData the model was set up with.
+        anndata_write_kwargs
+            Passed to :meth:`anndata.AnnData.write_h5ad` (or MuData's ``write``).
+
+        """
+        state = self.module.state_dict()
+        attrs = {name: value for name, value in self._get_user_attributes() if name[-1] == "_"}
+        names = _saved_file_names(prefix)
+        with atomic_write(dir_path, overwrite=overwrite) as tmp:
+            if save_anndata:
+                name = names["adata"] if isinstance(self.adata, AnnData) else names["mdata"]
+                self.adata.write(tmp / name, **anndata_write_kwargs)
+            _write_saved_model(tmp, names, type(self), state, self.get_var_names(), attrs)
+
+    @classmethod
+    def load(
+        cls,
+        dir_path: str | os.PathLike,
+        adata: AnnData | None = None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        prefix: str | None = None,
+        backup_url: str | None = None,
+    ):
+        """Load a model saved with :meth:`save`.
+
+        Only data is read (JSON and safetensors), so a folder cannot make this run code. Every
+        file and field is checked; a damaged or foreign folder is an error that names the file.
+        Folders written by older versions with scvi-tools' pickled ``model.pt`` are refused;
+        :meth:`convert_legacy_save` converts a trusted one once.
+
+        Parameters
+        ----------
+        dir_path
+            Folder written by :meth:`save`.
+        adata
+            AnnData set up like the training data (its setup is redone from the saved
+            registry). `None` loads the AnnData saved with the model, if any.
+        accelerator
+            Lightning accelerator (``"auto"``, ``"cpu"``, ``"gpu"``, ...).
+        device
+            Device index or ``"auto"``.
+        prefix
+            Prefix of the file names.
+        backup_url
+            Not supported (the saved model is more than one file); pass `None`.
+
+        Returns
+        -------
+        The model, in evaluation mode.
+
+        """
+        from scvi.data._constants import _SETUP_ARGS_KEY, _SETUP_METHOD_NAME
+        from scvi.model._utils import parse_device_args
+        from scvi.model.base._save_load import _initialize_model, _validate_var_names
+
+        _, _, device = parse_device_args(
+            accelerator=accelerator, devices=device, return_device="torch",
+            validate_single_device=True,
+        )  # fmt: skip
+        if backup_url is not None:
+            raise ValueError("backup_url is not supported; download the saved folder first.")
+        folder = Path(dir_path)
+        names = _saved_file_names(prefix)
+        var_names, attr_dict = cls._read_saved_meta(folder, names)
+        meta_file, weights_file = folder / names["meta"], folder / names["weights"]
+        registry = attr_dict.pop("registry_")
+        state = read_safetensors(weights_file)
+        if adata is None:
+            adata = _read_saved_adata(folder, names, registry)
+        if adata:
+            if _SETUP_ARGS_KEY not in registry:
+                raise ValueError(f"{meta_file}: the registry lacks the setup arguments.")
+            _validate_var_names(adata, var_names)
+            method_name = registry.get(_SETUP_METHOD_NAME, "setup_anndata")
+            getattr(cls, method_name)(adata, source_registry=registry, **registry[_SETUP_ARGS_KEY])
+        model = _initialize_model(cls, adata, registry, attr_dict, None)
+        model.module.on_load(model, pyro_param_store=None)
+        check_weights(state, model.module.state_dict(), source=weights_file)
+        try:
+            model.module.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(
+                f"The weights in {weights_file} do not fit the network described in {meta_file} "
+                f"(the two files come from different saves): {e}"
+            ) from e
+        model.to_device(device)
+        model.module.eval()
+        if adata:
+            model._validate_anndata(adata)
+        return model
+
+    @classmethod
+    def _read_saved_meta(cls, folder: Path, names: dict[str, str]) -> tuple:
+        """Gene names and attributes saved in ``model.json`` (refusing pickled saves)."""
+        from scvi.data._constants import _MODEL_NAME_KEY
+
+        recover_folder(folder)
+        meta_file = folder / names["meta"]
+        if not meta_file.is_file() and (folder / names["legacy"]).is_file():
+            raise ValueError(
+                f"{folder / names['legacy']} is a model saved in the pickle format of older "
+                "versions; loading it could run code stored in the file, so it is refused. If you "
+                f"trust where it comes from, convert it once with {cls.__name__}."
+                "convert_legacy_save(dir_path, output_dir_path, trust_pickle=True) and load the "
+                "new folder."
+            )
+        meta = _check_saved_meta(read_json(meta_file, what="saved model file"), meta_file, cls)
+        var_names = decode_json_value(meta["var_names"], where=f"{meta_file}: var_names")
+        attr_dict = decode_json_value(meta["attr_dict"], where=f"{meta_file}: attr_dict")
+        model_name = attr_dict["registry_"].get(_MODEL_NAME_KEY, cls.__name__)
+        if model_name != cls.__name__:
+            raise ValueError(f"{meta_file} holds a {model_name} model, not a {cls.__name__}.")
+        return var_names, attr_dict
+
+    @classmethod
+    def load_registry(cls, dir_path: str | os.PathLike, prefix: str | None = None) -> dict:
+        """Return the AnnData registry saved with a model (read safely, as :meth:`load` does).
+
+        Parameters
+        ----------
+        dir_path
+            Folder written by :meth:`save`.
+        prefix
+            Prefix of the file names.
+
+        Returns
+        -------
+        The registry.
+
+        """
+        return cls._read_saved_meta(Path(dir_path), _saved_file_names(prefix))[1]["registry_"]
+
+    @classmethod
+    def view_setup_args(cls, dir_path: str | os.PathLike, prefix: str | None = None) -> None:
+        """Print the arguments a saved model's AnnData was set up with.
+
+        Parameters
+        ----------
+        dir_path
+            Folder written by :meth:`save`.
+        prefix
+            Prefix of the file names.
+
+        """
+        AnnDataManager.view_setup_method_args(cls.load_registry(dir_path, prefix))
+
+    @classmethod
+    def convert_legacy_save(
+        cls,
+        dir_path: str | os.PathLike,
+        output_dir_path: str | os.PathLike,
+        overwrite: bool = False,
+        prefix: str | None = None,
+        *,
+        trust_pickle: bool = False,
+    ) -> None:
+        """Convert a model saved by an older version (pickled ``model.pt``) to the safe format.
+
+        Reading the old file unpickles it, which runs whatever code it holds: scvi-tools saves
+        containers (``defaultdict``) that ``torch.load(weights_only=True)`` cannot read, so there
+        is no safe way to read these files. Convert only saves you made yourself or otherwise
+        trust, once, by passing ``trust_pickle=True``; :meth:`load` then reads the new folder
+        safely. A saved AnnData is copied.
+
+        Parameters
+        ----------
+        dir_path
+            Folder with the old ``model.pt``.
+        output_dir_path
+            Folder to write in the format of :meth:`save`.
+        overwrite
+            Replace an existing ``output_dir_path``.
+        prefix
+            Prefix of the file names (read and written).
+        trust_pickle
+            Confirm that ``dir_path`` comes from a trusted source (required).
+
+        """
+        from scvi.model.base._constants import SAVE_KEYS
+
+        names = _saved_file_names(prefix)
+        old = Path(dir_path) / names["legacy"]
+        if not old.is_file():
+            raise FileNotFoundError(f"{old} does not exist; pass the folder of an old save.")
+        if not trust_pickle:
+            raise ValueError(
+                f"Reading {old} runs the code pickled into it. Pass trust_pickle=True only if "
+                "you made this file yourself or trust its source."
+            )
+        saved = torch.load(old, map_location="cpu", weights_only=False)
+        keys = (SAVE_KEYS.MODEL_STATE_DICT_KEY, SAVE_KEYS.VAR_NAMES_KEY, SAVE_KEYS.ATTR_DICT_KEY)
+        if not isinstance(saved, dict) or any(k not in saved for k in keys):
+            raise ValueError(f"{old} is not a saved scvi-tools model (it lacks {list(keys)}).")
+        state = dict(saved[keys[0]])
+        state.pop("pyro_param_store", None)
+        with atomic_write(output_dir_path, overwrite=overwrite) as tmp:
+            for name in (names["adata"], names["mdata"]):
+                if (Path(dir_path) / name).is_file():
+                    shutil.copyfile(Path(dir_path) / name, tmp / name)
+            _write_saved_model(tmp, names, cls, state, saved[keys[1]], saved[keys[2]])
+
+
+_SAVE_FORMAT = "cellformers-model"
+_SAVE_FORMAT_VERSION = 1
+
+
+def _write_saved_model(
+    folder: Path, names: dict[str, str], cls: type, state: dict, var_names, attrs: dict
+) -> None:
+    """Write the weights (safetensors) and everything else (JSON) of a saved model."""
+    from safetensors.torch import save_file
+
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise TypeError(f"The network's state holds non-tensor entries {not_tensors[:3]}.")
+    meta = {
+        "format": _SAVE_FORMAT,
+        "format_version": _SAVE_FORMAT_VERSION,
+        "model_class": cls.__name__,
+        "var_names": encode_json_value(var_names, where="var_names"),
+        "attr_dict": encode_json_value(attrs, where="model attribute"),
+    }
+    # clone: safetensors refuses tensors that share memory (tied weights)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    save_file(tensors, folder / names["weights"], metadata={"format": "pt"})
+    (folder / names["meta"]).write_text(json.dumps(meta), encoding="utf-8")
+
+
+def _saved_file_names(prefix: str | None) -> dict[str, str]:
+    """File names of a saved model (with ``prefix``)."""
+    from scvi.model.base._constants import SAVE_KEYS
+
+    prefix = prefix or ""
+    if os.sep in prefix or "/" in prefix:
+        raise ValueError(f"prefix {prefix!r} must not contain a path separator.")
+    return {
+        "meta": f"{prefix}model.json",
+        "weights": f"{prefix}model.safetensors",
+        "legacy": f"{prefix}{SAVE_KEYS.MODEL_FNAME}",
+        "adata": f"{prefix}{SAVE_KEYS.ADATA_FNAME}",
+        "mdata": f"{prefix}{SAVE_KEYS.MDATA_FNAME}",
+    }
+
+
+def _check_saved_meta(meta, path: Path, cls: type) -> dict:
+    """Check the fields of a saved ``model.json``."""
+    check_format(meta, path, name=_SAVE_FORMAT, version=_SAVE_FORMAT_VERSION)
+    if meta.get("model_class") != cls.__name__:
+        raise ValueError(f"{path} holds a {meta.get('model_class')} model, not a {cls.__name__}.")
+    attrs = meta.get("attr_dict")
+    for field in ("registry_", "init_params_"):
+        if not isinstance(attrs, dict) or not isinstance(attrs.get(field), dict):
+            raise ValueError(f"{path}: field attr_dict.{field} is missing or not an object.")
+    if "var_names" not in meta:
+        raise ValueError(f"{path}: field var_names is missing.")
+    # load() sets every saved attribute on the model: only public ``name_`` attributes
+    odd = [k for k in attrs if not (k.endswith("_") and k[0].isalpha() and k.isidentifier())]
+    if odd:
+        raise ValueError(f"{path}: attr_dict holds fields that are not model attributes: {odd}.")
+    for group in ("non_kwargs", "kwargs"):
+        if not isinstance(attrs["init_params_"].get(group, {}), dict):
+            raise ValueError(f"{path}: field attr_dict.init_params_.{group} is not an object.")
+    return meta
+
+
+def _read_saved_adata(folder: Path, names: dict[str, str], registry: dict):
+    """Read the AnnData (or MuData) saved with a model; `False` when there is none."""
+    from scvi.data._constants import _SETUP_METHOD_NAME
+
+    is_mudata = registry.get(_SETUP_METHOD_NAME) == "setup_mudata"
+    path = folder / names["mdata" if is_mudata else "adata"]
+    if not path.is_file():
+        warnings.warn(
+            "Save path contains no saved anndata and no adata was passed. Model will be loaded "
+            "without anndata.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return False
+    try:
+        if is_mudata:
+            import mudata
+
+            return mudata.read_h5mu(path)
+        return anndata.read_h5ad(path)
+    except Exception as e:
+        raise ValueError(f"Could not read the saved data {path}: {e}") from e
