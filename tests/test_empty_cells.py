@@ -73,7 +73,7 @@ def test_predict_and_perturb_follow_empty_cells(cells):
     adata = cells.copy()
     SCBERT.setup_anndata(adata, labels_key="cell_line")
     scvi.settings.seed = 0
-    model = SCBERT(adata, **TINY[SCBERT])
+    model = SCBERT(adata, **TINY[SCBERT], classifier_hidden=(16, 8))
     model.train(mode="finetune", max_epochs=1, batch_size=8, enable_progress_bar=False)
     query = _with_empty_cells(cells)
     SCBERT.setup_anndata(query)

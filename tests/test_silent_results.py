@@ -14,7 +14,7 @@ from tiny_models import TINY, cellbench_cells
 import cellformers as cf
 from cellformers.model import SCBERT, SCFoundation
 
-SCBERT_TINY = TINY[SCBERT]
+SCBERT_TINY = {**TINY[SCBERT], "classifier_hidden": (16, 8)}
 SCF_TINY = TINY[SCFoundation]
 FIT = {"batch_size": 8, "enable_progress_bar": False}
 

@@ -1,4 +1,4 @@
-"""Tiny networks of the four model families and small real cell subsets, shared by tests."""
+"""Tiny settings of the four model classes for fast tests built from scratch."""
 
 from __future__ import annotations
 
@@ -7,17 +7,17 @@ import numpy as np
 import cellformers as cf
 from cellformers.model import SCBERT, SCGPT, Geneformer, SCFoundation
 
-#: Constructor arguments of a tiny network per model class (seconds per epoch on 30 cells).
 TINY = {
-    SCBERT: {"dim": 16, "depth": 1, "heads": 2, "dim_head": 8, "classifier_hidden": (16, 8)},
     SCGPT: {"d_model": 16, "nhead": 2, "d_hid": 16, "nlayers": 1, "dropout": 0.0},
     Geneformer: {
         "hidden_size": 16,
         "num_hidden_layers": 1,
         "num_attention_heads": 2,
         "intermediate_size": 32,
-        "max_input_size": 64,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
     },
+    SCBERT: {"dim": 16, "depth": 1, "heads": 2, "dim_head": 8},
     SCFoundation: {
         "encoder_dim": 16,
         "encoder_depth": 1,

@@ -2,22 +2,46 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Literal
 from uuid import uuid4
 
+import anndata
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from anndata import AnnData
+from mudata import MuData
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
-from scvi.data.fields import CategoricalObsField, LayerField, NumericalObsField
+from scvi.data.fields import (
+    CategoricalObsField,
+    LayerField,
+    MuDataCategoricalObsField,
+    MuDataLayerField,
+    MuDataObsmField,
+    NumericalObsField,
+    ObsmField,
+)
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
+from .._io import (
+    atomic_write,
+    check_format,
+    check_weights,
+    decode_json_value,
+    encode_json_value,
+    read_json,
+    read_safetensors,
+    recover_folder,
+)
 from ..data import (
     TokenizingCollator,
     check_expression,
@@ -40,6 +64,100 @@ EMPTY_CELLS: tuple[str, ...] = ("raise", "nan")
 _N_NAMED = 5  # cells named in messages
 _SINGLE_CLASS_SHARE = 0.98  # predict_celltype warns when one class takes this share of cells
 _SCVI_UUID_KEY = "_scvi_uuid"  # where scvi-tools keeps an AnnData's registration id (adata.uns)
+SPATIAL_KEY = "spatial"  # registry key of the cells' spatial coordinates
+#: setup_mudata arguments that may name a modality, and the RNA modality's default name.
+_MODALITY_ARGS = (
+    "rna_layer",
+    "protein_layer",
+    "atac_layer",
+    "batch_key",
+    "labels_key",
+    "spatial_key",
+)
+_DEFAULT_RNA_MODALITY = "rna"
+
+
+def _check_genes_and_expression(
+    adata: AnnData, layer: str | None, gene_key: str | None, is_count_data: bool, *, name: str
+) -> None:
+    """Check the gene names and the expression matrix of ``adata`` (named ``name`` in errors)."""
+    check_unique(adata.var_names, what=f"{name}.var_names")
+    if gene_key is not None and adata.var[gene_key].isna().all():
+        raise ValueError(f"{name}.var[{gene_key!r}] holds no gene names.")
+    X = adata.X if layer is None else adata.layers[layer]
+    if X is None:
+        raise ValueError(f"{name}.X is empty; pass the layer that holds the counts.")
+    where = f"{name}.X" if layer is None else f"{name}.layers[{layer!r}]"
+    check_expression(X, name=where, require_integer=is_count_data)
+
+
+def _check_spatial(adata: AnnData | MuData, key: str, *, name: str) -> None:
+    """Check that ``adata.obsm[key]`` holds finite 2-D or 3-D coordinates, one row per cell."""
+    if key not in adata.obsm:
+        raise KeyError(
+            f"spatial_key {key!r} not found in {name}.obsm (available: {list(adata.obsm)}). "
+            "Store each cell's coordinates there, e.g. `adata.obsm['spatial'] = "
+            "adata.obs[['x', 'y']].to_numpy()`."
+        )
+    coords = adata.obsm[key]
+    coords = coords.to_numpy() if isinstance(coords, pd.DataFrame) else np.asarray(coords)
+    if coords.ndim != 2 or coords.shape[0] != adata.n_obs or coords.shape[1] not in (2, 3):
+        raise ValueError(
+            f"{name}.obsm[{key!r}] must be an array of shape (n_cells, 2) or (n_cells, 3) "
+            f"(n_cells = {adata.n_obs}), got shape {coords.shape}."
+        )
+    if not np.issubdtype(coords.dtype, np.number) or np.issubdtype(coords.dtype, np.bool_):
+        raise ValueError(f"{name}.obsm[{key!r}] must hold numbers, got dtype {coords.dtype}.")
+    bad = ~np.isfinite(coords).all(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"{name}.obsm[{key!r}] has NaN or infinite coordinates in {int(bad.sum())} cells "
+            f"(e.g. {list(adata.obs_names[bad][:5])}); drop those cells or fill them in."
+        )
+
+
+def _modality(mdata: MuData, mod: str | None) -> tuple[AnnData | MuData, str]:
+    """Return modality ``mod`` of ``mdata`` (``mdata`` itself for `None`) and its error name."""
+    return (mdata, "mdata") if mod is None else (mdata.mod[mod], f"mdata.mod[{mod!r}]")
+
+
+def _resolve_modalities(mdata: MuData, modalities: Mapping[str, str] | None) -> dict[str, str]:
+    """Check ``setup_mudata``'s ``modalities`` against ``mdata``; return argument -> modality.
+
+    Every named modality must exist and hold exactly ``mdata.obs_names``, in that order: the
+    registered fields are read per modality and combined by row position.
+    """
+    mods = dict(modalities or {})
+    unknown = sorted(set(mods) - set(_MODALITY_ARGS))
+    if unknown:
+        raise ValueError(
+            f"modalities names unknown setup arguments {unknown}; use {list(_MODALITY_ARGS)}."
+        )
+    if mods.get("rna_layer") is None:
+        mods["rna_layer"] = _DEFAULT_RNA_MODALITY
+    for arg, mod in mods.items():
+        if mod is None:
+            continue
+        if mod not in mdata.mod:
+            raise KeyError(
+                f"Modality {mod!r} (for {arg}) not found in the MuData; its modalities are "
+                f"{list(mdata.mod)}. Pass `modalities={{{arg!r}: <modality name>}}`."
+            )
+        names = mdata.mod[mod].obs_names
+        if not names.equals(mdata.obs_names):
+            missing = mdata.obs_names.difference(names)
+            detail = (
+                f"{len(missing)} of the MuData's {mdata.n_obs} cells are missing from it "
+                f"(e.g. {list(missing[:3])})"
+                if len(missing) or len(names) != mdata.n_obs
+                else "its cells are in another order"
+            )
+            raise ValueError(
+                f"Cells of modality {mod!r} are not aligned with mdata.obs_names: {detail}. "
+                "Keep the cells measured in every modality, in one order, e.g. with "
+                "`muon.pp.intersect_obs(mdata)`, then `mdata.update()`."
+            )
+    return mods
 
 
 def _resolve_indices(indices: Sequence[int] | np.ndarray | None, n_obs: int) -> np.ndarray:
@@ -103,27 +221,34 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         labels_key: str | None,
         gene_key: str | None,
         is_count_data: bool,
+        spatial_key: str | None = None,
         extra_fields: Sequence = (),
         **kwargs,
     ) -> None:
         """Validate ``adata`` and register the fields every model reads (plus ``extra_fields``)."""
         if not isinstance(adata, AnnData):
-            raise TypeError(f"Expected an AnnData object, got {type(adata).__name__}.")
+            hint = ""
+            if isinstance(adata, MuData):
+                hint = f" Set a MuData up with `{cls.__name__}.setup_mudata`."
+            raise TypeError(f"Expected an AnnData object, got {type(adata).__name__}.{hint}")
         check_setup_keys(adata, layer=layer, obs_keys=[batch_key, labels_key], var_keys=[gene_key])
-        check_unique(adata.var_names)
-        if gene_key is not None and adata.var[gene_key].isna().all():
-            raise ValueError(f"adata.var[{gene_key!r}] holds no gene names.")
-        X = adata.X if layer is None else adata.layers[layer]
-        if X is None:
-            raise ValueError("adata.X is empty; pass `layer=` naming the counts layer.")
-        where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-        check_expression(X, name=where, require_integer=is_count_data)
+        _check_genes_and_expression(adata, layer, gene_key, is_count_data, name="adata")
         fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=is_count_data),
             CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
             CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
             *extra_fields,
         ]
+        if spatial_key is not None:
+            _check_spatial(adata, spatial_key, name="adata")
+            fields.append(ObsmField(SPATIAL_KEY, spatial_key))
+        cls._register_fields(adata, fields, setup_method_args, **kwargs)
+
+    @classmethod
+    def _register_fields(
+        cls, adata: AnnData | MuData, fields: list, setup_method_args: dict, **kwargs
+    ) -> None:
+        """Register ``fields`` of ``adata`` (an AnnData or a MuData) with this model class."""
         uuid = adata.uns.get(_SCVI_UUID_KEY)
         registered = cls._setup_adata_manager_store.get(uuid) if uuid is not None else None
         if registered is not None and registered.adata is not adata:
@@ -132,6 +257,147 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         manager.register_fields(adata, **kwargs)
         cls.register_manager(manager)
+
+    @classmethod
+    def setup_mudata(
+        cls,
+        mdata: MuData,
+        *,
+        rna_layer: str | None = None,
+        protein_layer: str | None = None,
+        atac_layer: str | None = None,
+        batch_key: str | None = None,
+        labels_key: str | None = None,
+        gene_key: str | None = None,
+        spatial_key: str | None = None,
+        modalities: dict[str, str] | None = None,
+        **kwargs,
+    ) -> None:
+        """Set up a MuData (multi-omics) object for this model class.
+
+        The model reads the RNA modality: its ``var`` holds the genes matched to the model's
+        vocabulary and its counts (``X`` or ``layers[rna_layer]``) are tokenized, exactly as
+        :meth:`setup_anndata` on that modality alone would. Protein (ADT) and chromatin (ATAC)
+        counts are validated and registered when their modality is named in ``modalities``,
+        for models that read them. Batch, label and spatial keys are read from the global
+        ``mdata.obs`` / ``mdata.obsm`` unless ``modalities`` names a modality for them. Every
+        registered modality must hold the same cells in the same order as ``mdata.obs_names``.
+
+        Model-specific options of :meth:`setup_anndata` (e.g. scFoundation's
+        ``pre_normalized`` or ``perturbation_key``, Geneformer's ``n_counts_key``) keep their
+        defaults here; set ``mdata["rna"]`` up with :meth:`setup_anndata` to change them.
+
+        Parameters
+        ----------
+        mdata
+            MuData with an RNA modality of raw counts.
+        rna_layer
+            Layer of the RNA modality with the counts; ``None`` uses its ``X``.
+        protein_layer
+            Layer of the protein modality with the ADT counts; ``None`` uses its ``X``.
+        atac_layer
+            Layer of the ATAC modality with the fragment or peak counts; ``None`` uses its
+            ``X``.
+        batch_key
+            Column of ``obs`` with each cell's batch.
+        labels_key
+            Column of ``obs`` with each cell's label (for fine-tuning).
+        gene_key
+            Column of the RNA modality's ``var`` with the gene names to match (symbols or
+            Ensembl IDs); ``None`` uses its ``var_names``.
+        spatial_key
+            Key of ``obsm`` with each cell's 2-D or 3-D coordinates (squidpy and spatialdata
+            tables use ``"spatial"``).
+        modalities
+            Which modality each argument refers to, e.g. ``{"rna_layer": "rna",
+            "protein_layer": "prot", "batch_key": "rna"}``. The RNA modality defaults to
+            ``"rna"``; proteins and ATAC are registered only when named here; other keys
+            default to the global ``mdata`` attributes.
+        **kwargs
+            Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
+
+        Examples
+        --------
+        >>> import mudata as md
+        >>> mdata = md.read_h5mu("pbmc_citeseq.h5mu")
+        >>> cf.model.SCGPT.setup_mudata(
+        ...     mdata, batch_key="batch", modalities={"rna_layer": "rna", "protein_layer": "prot"}
+        ... )
+        >>> model = cf.model.SCGPT(mdata, d_model=64, nhead=4, d_hid=64, nlayers=2)
+        >>> cf.tl.embed(mdata, model)  # mdata.obsm["X_scgpt"]
+
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        if not isinstance(mdata, MuData):
+            hint = ""
+            if isinstance(mdata, AnnData):
+                hint = f" Set an AnnData up with `{cls.__name__}.setup_anndata`."
+            raise TypeError(f"Expected a MuData object, got {type(mdata).__name__}.{hint}")
+        mods = _resolve_modalities(mdata, modalities)
+        rna = mdata.mod[mods["rna_layer"]]
+        where = f"mdata.mod[{mods['rna_layer']!r}]"
+        if rna_layer is not None and rna_layer not in rna.layers:
+            raise KeyError(
+                f"Layer {rna_layer!r} not found in {where}.layers (available: "
+                f"{list(rna.layers)}). Pass `rna_layer=None` to use {where}.X."
+            )
+        if gene_key is not None and gene_key not in rna.var:
+            raise KeyError(
+                f"Column {gene_key!r} not found in {where}.var (available: {list(rna.var)})."
+            )
+        _check_genes_and_expression(rna, rna_layer, gene_key, True, name=where)
+        fields = [
+            MuDataLayerField(
+                REGISTRY_KEYS.X_KEY,
+                rna_layer,
+                mod_key=mods["rna_layer"],
+                is_count_data=True,
+                mod_required=True,
+            )
+        ]
+        for registry_key, arg, layer in (
+            (REGISTRY_KEYS.PROTEIN_EXP_KEY, "protein_layer", protein_layer),
+            (REGISTRY_KEYS.ATAC_X_KEY, "atac_layer", atac_layer),
+        ):
+            if mods.get(arg) is None:
+                if layer is not None:
+                    raise ValueError(
+                        f"{arg}={layer!r} needs its modality: pass "
+                        f"`modalities={{..., {arg!r}: <modality name>}}`."
+                    )
+                continue
+            bdata, where = mdata.mod[mods[arg]], f"mdata.mod[{mods[arg]!r}]"
+            if layer is not None and layer not in bdata.layers:
+                raise KeyError(
+                    f"Layer {layer!r} not found in {where}.layers (available: "
+                    f"{list(bdata.layers)})."
+                )
+            X = bdata.X if layer is None else bdata.layers[layer]
+            where = where if layer is None else f"{where}.layers[{layer!r}]"
+            check_expression(X, name=where, require_integer=True)
+            fields.append(
+                MuDataLayerField(
+                    registry_key, layer, mod_key=mods[arg], is_count_data=True, mod_required=True
+                )
+            )
+        for registry_key, arg, key in (
+            (REGISTRY_KEYS.BATCH_KEY, "batch_key", batch_key),
+            (REGISTRY_KEYS.LABELS_KEY, "labels_key", labels_key),
+        ):
+            obs, where = _modality(mdata, mods.get(arg))
+            if key is not None and key not in obs.obs:
+                raise KeyError(
+                    f"Column {key!r} not found in {where}.obs (available: {list(obs.obs)}); name "
+                    f"the modality that holds it with `modalities={{{arg!r}: ...}}`."
+                )
+            fields.append(MuDataCategoricalObsField(registry_key, key, mod_key=mods.get(arg)))
+        if spatial_key is not None:
+            owner, where = _modality(mdata, mods.get("spatial_key"))
+            _check_spatial(owner, spatial_key, name=where)
+            fields.append(
+                MuDataObsmField(SPATIAL_KEY, spatial_key, mod_key=mods.get("spatial_key"))
+            )
+        cls._register_fields(mdata, fields, setup_method_args, **kwargs)
 
     @staticmethod
     def _total_counts_field(
@@ -148,13 +414,37 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         return NumericalObsField(registry_key, obs_key)
 
     # ------------------------------------------------------------------ genes
-    def _gene_names(self, adata: AnnData) -> pd.Index:
+    def _rna(self, adata: AnnData | MuData) -> AnnData:
+        """Return the AnnData whose columns the model reads (a MuData's RNA modality)."""
+        if not isinstance(adata, MuData):
+            return adata
+        uuid = adata.uns.get(_SCVI_UUID_KEY)
+        for store in (
+            type(self)._per_instance_manager_store.get(self.id, {}),
+            self._setup_adata_manager_store,
+        ):
+            manager = store.get(uuid)
+            if manager is not None and manager.adata is adata:
+                return adata.mod[manager.data_registry[REGISTRY_KEYS.X_KEY].mod_key]
+        # not set up yet: the model's own RNA modality
+        registry = self.registry_["field_registries"][REGISTRY_KEYS.X_KEY]["data_registry"]
+        mod = registry.get("mod_key")
+        if mod is None or mod not in adata.mod:
+            raise KeyError(
+                f"The model reads the RNA modality {mod!r}, which the MuData lacks (modalities: "
+                f"{list(adata.mod)}); set it up with `{type(self).__name__}.setup_mudata(mdata, "
+                "modalities={'rna_layer': ...})`."
+            )
+        return adata.mod[mod]
+
+    def _gene_names(self, adata: AnnData | MuData) -> pd.Index:
         """Gene names of ``adata`` as registered (``var[gene_key]`` or ``var_names``)."""
         manager = self.get_anndata_manager(adata, required=True)
         gene_key = manager.registry["setup_args"].get("gene_key")
+        rna = self._rna(adata)
         if gene_key is None:
-            return pd.Index(adata.var_names.astype(str))
-        return pd.Index(adata.var[gene_key].astype(str))
+            return pd.Index(rna.var_names.astype(str))
+        return pd.Index(rna.var[gene_key].astype(str))
 
     def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True) -> AnnData:
         """Validate ``adata``; query data may carry any genes.
@@ -172,6 +462,15 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         # look the stores up directly: scvi-tools' getters try a field transfer on copies
         own = type(self)._setup_adata_manager_store.get(uuid)
         own = own if own is not None and own.adata is adata else None  # set up by the user
+        method = self.registry_["setup_method_name"]
+        if own is None and isinstance(adata, MuData) != (method == "setup_mudata"):
+            kind, other = ("AnnData", "setup_anndata")
+            if isinstance(adata, MuData):
+                kind, other = ("MuData", "setup_mudata")
+            raise TypeError(
+                f"The model was set up with `{method}`; set this {kind} up first with "
+                f"`{type(self).__name__}.{other}(...)`."
+            )
         if (
             own is None
             and self._has_registered_genes(adata)
@@ -188,8 +487,8 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         if manager is None:
             # Not set up, or the registration was copied from another AnnData with the data.
             adata.uns[_SCVI_UUID_KEY] = str(uuid4())
-            logger.info("Setting up query AnnData with the model's setup arguments.")
-            getattr(type(self), self.registry_["setup_method_name"])(adata, **setup_args)
+            logger.info("Setting up query data with the model's setup arguments.")
+            getattr(type(self), method)(adata, **setup_args)
             manager = self._get_most_recent_anndata_manager(adata, required=True)
         self._register_manager_for_instance(manager)
         return adata
@@ -203,16 +502,21 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         """
         args = dict(self.registry_["setup_args"])
         if adata is not None:
+            mods = args.get("modalities") or {}
             for key in ("labels_key", "batch_key"):
-                if args.get(key) is not None and args[key] not in adata.obs:
+                obs = adata.obs
+                if isinstance(adata, MuData) and mods.get(key) in adata.mod:
+                    obs = adata.mod[mods[key]].obs
+                if args.get(key) is not None and args[key] not in obs:
                     args[key] = None
         return args
 
     def _has_registered_genes(self, adata: AnnData) -> bool:
         """Whether ``adata`` has exactly the genes (and order) the model was registered with."""
         registered = self.get_state_registry(REGISTRY_KEYS.X_KEY).column_names
-        return adata.n_vars == len(registered) and np.array_equal(
-            np.asarray(adata.var_names), np.asarray(registered)
+        var_names = self._rna(adata).var_names
+        return len(var_names) == len(registered) and np.array_equal(
+            np.asarray(var_names), np.asarray(registered)
         )
 
     # ------------------------------------------------------------------ inference loop
@@ -878,7 +1182,7 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             if expression is not None:
                 expr = np.where(changed[:, j, None], expr, base_expr)
                 if mode == "delete":  # a deleted gene is not expressed in the changed cells
-                    own = np.isin(expression[1], np.asarray(adata.var_names)[cols])
+                    own = np.isin(expression[1], np.asarray(self._rna(adata).var_names)[cols])
                     expr[np.ix_(changed[:, j], own)] = 0.0
                 diff = expr - base_expr  # NaN where a model predicts no value for a gene
                 seen = np.isfinite(diff)
@@ -912,3 +1216,321 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
                 change.astype(np.float32), index=out.var_names, columns=list(expression[1])
             )
         return out
+
+    # ------------------------------------------------------------------ saving and loading
+    def save(
+        self,
+        dir_path: str | os.PathLike,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+        **anndata_write_kwargs,
+    ) -> None:
+        """Save the model into a folder, without pickle and all at once.
+
+        Writes ``model.safetensors`` (the network's weights) and ``model.json`` (the gene names,
+        the constructor arguments, the AnnData registry, the LoRA configuration and the other
+        saved attributes, as JSON), plus ``adata.h5ad`` with ``save_anndata``. The files are
+        written into a temporary folder next to ``dir_path`` that then replaces it, so a save
+        that is interrupted leaves the previous save (or none) intact; a second process saving
+        to the same folder at the same time gets an error. :meth:`load` reads the folder back
+        without running any code stored in it.
+
+        Parameters
+        ----------
+        dir_path
+            Folder to write.
+        prefix
+            Prefix of the file names.
+        overwrite
+            Replace an existing folder (as a whole: files of other names in it are removed);
+            otherwise an existing ``dir_path`` is an error.
+        save_anndata
+            Also save the AnnData the model was set up with.
+        anndata_write_kwargs
+            Passed to :meth:`anndata.AnnData.write_h5ad` (or MuData's ``write``).
+
+        """
+        state = self.module.state_dict()
+        attrs = {name: value for name, value in self._get_user_attributes() if name[-1] == "_"}
+        names = _saved_file_names(prefix)
+        with atomic_write(dir_path, overwrite=overwrite) as tmp:
+            if save_anndata:
+                name = names["adata"] if isinstance(self.adata, AnnData) else names["mdata"]
+                self.adata.write(tmp / name, **anndata_write_kwargs)
+            _write_saved_model(tmp, names, type(self), state, self.get_var_names(), attrs)
+
+    @classmethod
+    def load(
+        cls,
+        dir_path: str | os.PathLike,
+        adata: AnnData | None = None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        prefix: str | None = None,
+        backup_url: str | None = None,
+    ):
+        """Load a model saved with :meth:`save`.
+
+        Only data is read (JSON and safetensors), so a folder cannot make this run code. Every
+        file and field is checked; a damaged or foreign folder is an error that names the file.
+        Folders written by older versions with scvi-tools' pickled ``model.pt`` are refused;
+        :meth:`convert_legacy_save` converts a trusted one once.
+
+        Parameters
+        ----------
+        dir_path
+            Folder written by :meth:`save`.
+        adata
+            AnnData set up like the training data (its setup is redone from the saved
+            registry). `None` loads the AnnData saved with the model, if any.
+        accelerator
+            Lightning accelerator (``"auto"``, ``"cpu"``, ``"gpu"``, ...).
+        device
+            Device index or ``"auto"``.
+        prefix
+            Prefix of the file names.
+        backup_url
+            Not supported (the saved model is more than one file); pass `None`.
+
+        Returns
+        -------
+        The model, in evaluation mode.
+
+        """
+        from scvi.data._constants import _SETUP_ARGS_KEY, _SETUP_METHOD_NAME
+        from scvi.model._utils import parse_device_args
+        from scvi.model.base._save_load import _initialize_model, _validate_var_names
+
+        _, _, device = parse_device_args(
+            accelerator=accelerator, devices=device, return_device="torch",
+            validate_single_device=True,
+        )  # fmt: skip
+        if backup_url is not None:
+            raise ValueError("backup_url is not supported; download the saved folder first.")
+        folder = Path(dir_path)
+        names = _saved_file_names(prefix)
+        var_names, attr_dict = cls._read_saved_meta(folder, names)
+        meta_file, weights_file = folder / names["meta"], folder / names["weights"]
+        registry = attr_dict.pop("registry_")
+        state = read_safetensors(weights_file)
+        if adata is None:
+            adata = _read_saved_adata(folder, names, registry)
+        if adata:
+            if _SETUP_ARGS_KEY not in registry:
+                raise ValueError(f"{meta_file}: the registry lacks the setup arguments.")
+            _validate_var_names(adata, var_names)
+            method_name = registry.get(_SETUP_METHOD_NAME, "setup_anndata")
+            getattr(cls, method_name)(adata, source_registry=registry, **registry[_SETUP_ARGS_KEY])
+        model = _initialize_model(cls, adata, registry, attr_dict, None)
+        model.module.on_load(model, pyro_param_store=None)
+        check_weights(state, model.module.state_dict(), source=weights_file)
+        try:
+            model.module.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(
+                f"The weights in {weights_file} do not fit the network described in {meta_file} "
+                f"(the two files come from different saves): {e}"
+            ) from e
+        model.to_device(device)
+        model.module.eval()
+        if adata:
+            model._validate_anndata(adata)
+        return model
+
+    @classmethod
+    def _read_saved_meta(cls, folder: Path, names: dict[str, str]) -> tuple:
+        """Gene names and attributes saved in ``model.json`` (refusing pickled saves)."""
+        from scvi.data._constants import _MODEL_NAME_KEY
+
+        recover_folder(folder)
+        meta_file = folder / names["meta"]
+        if not meta_file.is_file() and (folder / names["legacy"]).is_file():
+            raise ValueError(
+                f"{folder / names['legacy']} is a model saved in the pickle format of older "
+                "versions; loading it could run code stored in the file, so it is refused. If you "
+                f"trust where it comes from, convert it once with {cls.__name__}."
+                "convert_legacy_save(dir_path, output_dir_path, trust_pickle=True) and load the "
+                "new folder."
+            )
+        meta = _check_saved_meta(read_json(meta_file, what="saved model file"), meta_file, cls)
+        var_names = decode_json_value(meta["var_names"], where=f"{meta_file}: var_names")
+        attr_dict = decode_json_value(meta["attr_dict"], where=f"{meta_file}: attr_dict")
+        model_name = attr_dict["registry_"].get(_MODEL_NAME_KEY, cls.__name__)
+        if model_name != cls.__name__:
+            raise ValueError(f"{meta_file} holds a {model_name} model, not a {cls.__name__}.")
+        return var_names, attr_dict
+
+    @classmethod
+    def load_registry(cls, dir_path: str | os.PathLike, prefix: str | None = None) -> dict:
+        """Return the AnnData registry saved with a model (read safely, as :meth:`load` does).
+
+        Parameters
+        ----------
+        dir_path
+            Folder written by :meth:`save`.
+        prefix
+            Prefix of the file names.
+
+        Returns
+        -------
+        The registry.
+
+        """
+        return cls._read_saved_meta(Path(dir_path), _saved_file_names(prefix))[1]["registry_"]
+
+    @classmethod
+    def view_setup_args(cls, dir_path: str | os.PathLike, prefix: str | None = None) -> None:
+        """Print the arguments a saved model's AnnData was set up with.
+
+        Parameters
+        ----------
+        dir_path
+            Folder written by :meth:`save`.
+        prefix
+            Prefix of the file names.
+
+        """
+        AnnDataManager.view_setup_method_args(cls.load_registry(dir_path, prefix))
+
+    @classmethod
+    def convert_legacy_save(
+        cls,
+        dir_path: str | os.PathLike,
+        output_dir_path: str | os.PathLike,
+        overwrite: bool = False,
+        prefix: str | None = None,
+        *,
+        trust_pickle: bool = False,
+    ) -> None:
+        """Convert a model saved by an older version (pickled ``model.pt``) to the safe format.
+
+        Reading the old file unpickles it, which runs whatever code it holds: scvi-tools saves
+        containers (``defaultdict``) that ``torch.load(weights_only=True)`` cannot read, so there
+        is no safe way to read these files. Convert only saves you made yourself or otherwise
+        trust, once, by passing ``trust_pickle=True``; :meth:`load` then reads the new folder
+        safely. A saved AnnData is copied.
+
+        Parameters
+        ----------
+        dir_path
+            Folder with the old ``model.pt``.
+        output_dir_path
+            Folder to write in the format of :meth:`save`.
+        overwrite
+            Replace an existing ``output_dir_path``.
+        prefix
+            Prefix of the file names (read and written).
+        trust_pickle
+            Confirm that ``dir_path`` comes from a trusted source (required).
+
+        """
+        from scvi.model.base._constants import SAVE_KEYS
+
+        names = _saved_file_names(prefix)
+        old = Path(dir_path) / names["legacy"]
+        if not old.is_file():
+            raise FileNotFoundError(f"{old} does not exist; pass the folder of an old save.")
+        if not trust_pickle:
+            raise ValueError(
+                f"Reading {old} runs the code pickled into it. Pass trust_pickle=True only if "
+                "you made this file yourself or trust its source."
+            )
+        saved = torch.load(old, map_location="cpu", weights_only=False)
+        keys = (SAVE_KEYS.MODEL_STATE_DICT_KEY, SAVE_KEYS.VAR_NAMES_KEY, SAVE_KEYS.ATTR_DICT_KEY)
+        if not isinstance(saved, dict) or any(k not in saved for k in keys):
+            raise ValueError(f"{old} is not a saved scvi-tools model (it lacks {list(keys)}).")
+        state = dict(saved[keys[0]])
+        state.pop("pyro_param_store", None)
+        with atomic_write(output_dir_path, overwrite=overwrite) as tmp:
+            for name in (names["adata"], names["mdata"]):
+                if (Path(dir_path) / name).is_file():
+                    shutil.copyfile(Path(dir_path) / name, tmp / name)
+            _write_saved_model(tmp, names, cls, state, saved[keys[1]], saved[keys[2]])
+
+
+_SAVE_FORMAT = "cellformers-model"
+_SAVE_FORMAT_VERSION = 1
+
+
+def _write_saved_model(
+    folder: Path, names: dict[str, str], cls: type, state: dict, var_names, attrs: dict
+) -> None:
+    """Write the weights (safetensors) and everything else (JSON) of a saved model."""
+    from safetensors.torch import save_file
+
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise TypeError(f"The network's state holds non-tensor entries {not_tensors[:3]}.")
+    meta = {
+        "format": _SAVE_FORMAT,
+        "format_version": _SAVE_FORMAT_VERSION,
+        "model_class": cls.__name__,
+        "var_names": encode_json_value(var_names, where="var_names"),
+        "attr_dict": encode_json_value(attrs, where="model attribute"),
+    }
+    # clone: safetensors refuses tensors that share memory (tied weights)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    save_file(tensors, folder / names["weights"], metadata={"format": "pt"})
+    (folder / names["meta"]).write_text(json.dumps(meta), encoding="utf-8")
+
+
+def _saved_file_names(prefix: str | None) -> dict[str, str]:
+    """File names of a saved model (with ``prefix``)."""
+    from scvi.model.base._constants import SAVE_KEYS
+
+    prefix = prefix or ""
+    if os.sep in prefix or "/" in prefix:
+        raise ValueError(f"prefix {prefix!r} must not contain a path separator.")
+    return {
+        "meta": f"{prefix}model.json",
+        "weights": f"{prefix}model.safetensors",
+        "legacy": f"{prefix}{SAVE_KEYS.MODEL_FNAME}",
+        "adata": f"{prefix}{SAVE_KEYS.ADATA_FNAME}",
+        "mdata": f"{prefix}{SAVE_KEYS.MDATA_FNAME}",
+    }
+
+
+def _check_saved_meta(meta, path: Path, cls: type) -> dict:
+    """Check the fields of a saved ``model.json``."""
+    check_format(meta, path, name=_SAVE_FORMAT, version=_SAVE_FORMAT_VERSION)
+    if meta.get("model_class") != cls.__name__:
+        raise ValueError(f"{path} holds a {meta.get('model_class')} model, not a {cls.__name__}.")
+    attrs = meta.get("attr_dict")
+    for field in ("registry_", "init_params_"):
+        if not isinstance(attrs, dict) or not isinstance(attrs.get(field), dict):
+            raise ValueError(f"{path}: field attr_dict.{field} is missing or not an object.")
+    if "var_names" not in meta:
+        raise ValueError(f"{path}: field var_names is missing.")
+    # load() sets every saved attribute on the model: only public ``name_`` attributes
+    odd = [k for k in attrs if not (k.endswith("_") and k[0].isalpha() and k.isidentifier())]
+    if odd:
+        raise ValueError(f"{path}: attr_dict holds fields that are not model attributes: {odd}.")
+    for group in ("non_kwargs", "kwargs"):
+        if not isinstance(attrs["init_params_"].get(group, {}), dict):
+            raise ValueError(f"{path}: field attr_dict.init_params_.{group} is not an object.")
+    return meta
+
+
+def _read_saved_adata(folder: Path, names: dict[str, str], registry: dict):
+    """Read the AnnData (or MuData) saved with a model; `False` when there is none."""
+    from scvi.data._constants import _SETUP_METHOD_NAME
+
+    is_mudata = registry.get(_SETUP_METHOD_NAME) == "setup_mudata"
+    path = folder / names["mdata" if is_mudata else "adata"]
+    if not path.is_file():
+        warnings.warn(
+            "Save path contains no saved anndata and no adata was passed. Model will be loaded "
+            "without anndata.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return False
+    try:
+        if is_mudata:
+            import mudata
+
+            return mudata.read_h5mu(path)
+        return anndata.read_h5ad(path)
+    except Exception as e:
+        raise ValueError(f"Could not read the saved data {path}: {e}") from e

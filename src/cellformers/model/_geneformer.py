@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -20,7 +19,7 @@ from scvi import REGISTRY_KEYS
 from scvi.utils import setup_anndata_dsp
 
 from ..data import geneformer_v1_dictionaries
-from ..genes import GeneVocab, match_genes, read_gene_dict
+from ..genes import GeneVocab, check_gene_dict, match_genes, read_gene_dict
 from ..module import GeneformerModule
 from ..pretrained import (
     geneformer_module_kwargs,
@@ -81,7 +80,7 @@ class _GeneformerTokenizer:
         return {"input_ids": tokens.input_ids, "lengths": tokens.lengths}
 
 
-def _read_dict(source: Mapping | str | os.PathLike, what: str) -> dict:
+def _read_dict(source: Mapping | str | os.PathLike, what: str, values: str) -> dict:
     if isinstance(source, Mapping):
         out = dict(source)
     elif isinstance(source, str | os.PathLike):
@@ -90,7 +89,9 @@ def _read_dict(source: Mapping | str | os.PathLike, what: str) -> dict:
         raise TypeError(f"{what} must be a dict or a file path, got {type(source).__name__}.")
     if not out:
         raise ValueError(f"{what} is empty.")
-    return out
+    return check_gene_dict(
+        out, values=values, source=what if isinstance(source, Mapping) else source
+    )
 
 
 def _find_in_folder(folder: Path, stem: str) -> Path | None:
@@ -222,16 +223,12 @@ class Geneformer(FoundationModelBase):
             genes = sorted(set(self._gene_names(adata)) - set(_SPECIALS))
             specials = _SPECIALS if special_tokens else _SPECIALS[:2]
             token_dictionary = {t: i for i, t in enumerate([*specials, *genes])}
-        token_dictionary = {
-            str(k): int(v) for k, v in _read_dict(token_dictionary, "token_dictionary").items()
-        }
+        token_dictionary = _read_dict(token_dictionary, "token_dictionary", "token ids")
         if gene_medians is None:
             if adata is None:
                 raise ValueError("Pass `gene_medians` when building a model without AnnData.")
             gene_medians = self._corpus_medians(adata, token_dictionary)
-        gene_medians = {
-            str(k): float(v) for k, v in _read_dict(gene_medians, "gene_medians").items()
-        }
+        gene_medians = _read_dict(gene_medians, "gene_medians", "medians")
         special_tokens = "<cls>" in token_dictionary
         if special_tokens and "<eos>" not in token_dictionary:
             raise ValueError("A token dictionary with <cls> must also hold <eos> (Geneformer V2).")
@@ -289,6 +286,8 @@ class Geneformer(FoundationModelBase):
         labels_key: str | None = None,
         batch_key: str | None = None,
         n_counts_key: str | None = None,
+        *,
+        spatial_key: str | None = None,
         **kwargs,
     ):
         """%(summary)s.
@@ -311,6 +310,9 @@ class Geneformer(FoundationModelBase):
             Column of ``adata.obs`` with each cell's total counts over all genes (the official
             ``n_counts``). Give it when ``adata`` holds a subset of the measured genes; by default
             the totals are the row sums of the registered matrix.
+        spatial_key
+            Key of ``adata.obsm`` with each cell's 2-D or 3-D coordinates (``"spatial"`` in
+            squidpy and spatialdata tables); checked (one finite row per cell) and registered.
 
         """
         setup_method_args = cls._get_setup_method_args(**locals())
@@ -324,6 +326,7 @@ class Geneformer(FoundationModelBase):
         cls._register_anndata(
             adata,
             setup_method_args=setup_method_args,
+            spatial_key=spatial_key,
             layer=layer,
             batch_key=batch_key,
             labels_key=labels_key,
@@ -397,7 +400,7 @@ class Geneformer(FoundationModelBase):
             for stem in sources:
                 if sources[stem] is None:
                     sources[stem] = v1[stem]
-        tokens = _read_dict(sources["token_dictionary"], "token_dictionary")
+        tokens = _read_dict(sources["token_dictionary"], "token_dictionary", "token ids")
         if len(tokens) != vocab_size:
             raise ValueError(
                 f"The token dictionary has {len(tokens):,} entries but the checkpoint's vocabulary "
@@ -463,18 +466,18 @@ class Geneformer(FoundationModelBase):
                 "id2label": {str(i): str(n) for i, n in enumerate(names)},
                 "label2id": {str(n): i for i, n in enumerate(names)},
             }
-        folder = save_geneformer_checkpoint(self.module, path, config_extra=extra)
         medians = {
             t: float(m)
             for t, m in zip(self.vocab.tokens, self._medians, strict=True)
             if np.isfinite(m)
         }
-        for name, content in (
-            ("token_dictionary.json", self.vocab.to_dict()),
-            ("gene_median_dictionary.json", medians),
-        ):
-            (folder / name).write_text(json.dumps(content), encoding="utf-8")
-        return folder
+        dictionaries = {
+            "token_dictionary.json": self.vocab.to_dict(),
+            "gene_median_dictionary.json": medians,
+        }
+        return save_geneformer_checkpoint(
+            self.module, path, config_extra=extra, json_files=dictionaries
+        )
 
     # ------------------------------------------------------------------ genes and tokens
     def _corpus_medians(self, adata: AnnData, token_dictionary: dict[str, int]) -> dict[str, float]:

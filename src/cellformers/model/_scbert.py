@@ -253,6 +253,8 @@ class SCBERT(FoundationModelBase):
         gene_key: str | None = None,
         labels_key: str | None = None,
         batch_key: str | None = None,
+        *,
+        spatial_key: str | None = None,
         **kwargs,
     ):
         """%(summary)s.
@@ -272,12 +274,16 @@ class SCBERT(FoundationModelBase):
             preprocessing does.
         %(param_labels_key)s
         %(param_batch_key)s
+        spatial_key
+            Key of ``adata.obsm`` with each cell's 2-D or 3-D coordinates (``"spatial"`` in
+            squidpy and spatialdata tables); checked (one finite row per cell) and registered.
 
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         cls._register_anndata(
             adata,
             setup_method_args=setup_method_args,
+            spatial_key=spatial_key,
             layer=layer,
             batch_key=batch_key,
             labels_key=labels_key,

@@ -375,7 +375,9 @@ class SCFoundation(FoundationModelBase):
         total_counts_key: str | None = None,
         perturbation_key: str | None = None,
         control_label: str | None = None,
+        *,
         unmatched_perturbations: Literal["warn", "exclude", "error"] = "warn",
+        spatial_key: str | None = None,
         **kwargs,
     ):
         """%(summary)s.
@@ -423,6 +425,9 @@ class SCFoundation(FoundationModelBase):
             warning lists them, their cells are left out of perturbation training (they are
             not controls either) and :meth:`predict_perturbation` refuses them; ``"error"``:
             an error lists them.
+        spatial_key
+            Key of ``adata.obsm`` with each cell's 2-D or 3-D coordinates (``"spatial"`` in
+            squidpy and spatialdata tables); checked (one finite row per cell) and registered.
 
         """
         if pre_normalized not in ("F", "T", "A"):
@@ -467,6 +472,7 @@ class SCFoundation(FoundationModelBase):
         cls._register_anndata(
             adata,
             setup_method_args=setup_method_args,
+            spatial_key=spatial_key,
             layer=layer,
             batch_key=batch_key,
             labels_key=labels_key,
@@ -1198,7 +1204,7 @@ class SCFoundation(FoundationModelBase):
             pred = self.module.predict_expression(t["values"], t["positions"], t["lengths"])
             return pred[:, index.to(pred.device)]
 
-        return predict, adata.var_names[columns]
+        return predict, self._rna(adata).var_names[columns]
 
     def get_normalized_expression(
         self,
@@ -1249,7 +1255,8 @@ class SCFoundation(FoundationModelBase):
         if all_genes:
             return pd.DataFrame(pred, index=obs_names, columns=pd.Index(self.gene_list))
         columns, positions = self._genes_in_data(adata)
-        return pd.DataFrame(pred[:, positions], index=obs_names, columns=adata.var_names[columns])
+        var_names = self._rna(adata).var_names[columns]
+        return pd.DataFrame(pred[:, positions], index=obs_names, columns=var_names)
 
     def predict_perturbation(
         self,
@@ -1353,7 +1360,7 @@ class SCFoundation(FoundationModelBase):
             },
             index=pd.Index(names),
         )
-        out = AnnData(X=X, obs=obs, var=adata.var.iloc[columns].copy())
+        out = AnnData(X=X, obs=obs, var=self._rna(adata).var.iloc[columns].copy())
         out.uns["predict_perturbation"] = {
             "perturbation_key": key,
             "control_label": control,
@@ -1410,6 +1417,6 @@ class SCFoundation(FoundationModelBase):
             target_depth=target_depth,
             reduce=True,
         )  # [matched genes, dim], summed over cells
-        out = np.full((adata.n_vars, total.shape[-1]), np.nan, dtype=np.float32)
+        out = np.full((self._rna(adata).n_vars, total.shape[-1]), np.nan, dtype=np.float32)
         out[columns] = total / len(idx)
         return out

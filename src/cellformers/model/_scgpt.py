@@ -331,6 +331,8 @@ class SCGPT(FoundationModelBase):
         labels_key: str | None = None,
         gene_key: str | None = None,
         is_count_data: bool = True,
+        *,
+        spatial_key: str | None = None,
         **kwargs,
     ):
         """%(summary)s.
@@ -352,12 +354,16 @@ class SCGPT(FoundationModelBase):
             Require raw integer counts. scGPT's per-cell quantile binning depends only on each
             cell's ranking of genes, so normalised or log-transformed values give the same tokens;
             set ``False`` to pass them.
+        spatial_key
+            Key of ``adata.obsm`` with each cell's 2-D or 3-D coordinates (``"spatial"`` in
+            squidpy and spatialdata tables); checked (one finite row per cell) and registered.
 
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         cls._register_anndata(
             adata,
             setup_method_args=setup_method_args,
+            spatial_key=spatial_key,
             layer=layer,
             batch_key=batch_key,
             labels_key=labels_key,
@@ -770,7 +776,7 @@ class SCGPT(FoundationModelBase):
             out[keep.nonzero(as_tuple=True)[0], where[keep]] = pred[keep]
             return out
 
-        return predict, adata.var_names[cols]
+        return predict, self._rna(adata).var_names[cols]
 
     # ------------------------------------------------------------------ query mapping
     @classmethod
