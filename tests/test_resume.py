@@ -27,13 +27,20 @@ class _Slow(Callback):
         time.sleep(0.3)
 
 
-def train_tiny(name: str, checkpoint_dir, *, slow: bool = False) -> dict[str, torch.Tensor]:
-    """Train a tiny model on 48 CellBench cells, resuming from ``checkpoint_dir`` if it can."""
+def small_cellbench(n_cells: int, n_genes: int, *, seed: int):
+    """Random CellBench cells with the genes detected in most of them."""
     adata = cf.data.cellbench_2platform()
-    keep = np.sort(np.random.default_rng(1).choice(adata.n_obs, 48, replace=False))
+    keep = np.sort(np.random.default_rng(seed).choice(adata.n_obs, n_cells, replace=False))
     adata = adata[keep].copy()
     detected = np.asarray((adata.X > 0).mean(0)).ravel()
-    adata = adata[:, np.argsort(-detected, kind="stable")[:120]].copy()
+    return adata[:, np.argsort(-detected, kind="stable")[:n_genes]].copy()
+
+
+def train_tiny(
+    name: str, checkpoint_dir, *, slow: bool = False, batch_size: int = 8
+) -> dict[str, torch.Tensor]:
+    """Train a tiny model on 48 CellBench cells, resuming from ``checkpoint_dir`` if it can."""
+    adata = small_cellbench(48, 120, seed=1)
     scvi.settings.seed = 0
     if name == "SCBERT":  # fine-tuning
         cf.model.SCBERT.setup_anndata(adata, labels_key="cell_line")
@@ -50,11 +57,11 @@ def train_tiny(name: str, checkpoint_dir, *, slow: bool = False) -> dict[str, to
     model.train(
         max_epochs=MAX_EPOCHS,
         mode=mode,
-        batch_size=8,
+        batch_size=batch_size,
         train_size=0.75,
         checkpoint_dir=checkpoint_dir,
         checkpoint_every_n_steps=2,
-        ckpt_path="last",
+        ckpt_path=None if checkpoint_dir is None else "last",
         enable_progress_bar=False,
         callbacks=[_Slow()] if slow else [],
     )
@@ -104,3 +111,10 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(
     assert expected.keys() == got.keys()
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6, msg=key)
+    if name == "SCBERT":
+        # checkpointing does not change the run
+        without = train_tiny(name, None)
+        assert all(torch.equal(without[key], value) for key, value in expected.items())
+        # a resumed run must read the data as the run that wrote the checkpoint
+        with pytest.raises(ValueError, match="minibatches per epoch, this run has"):
+            train_tiny(name, tmp_path, batch_size=4)

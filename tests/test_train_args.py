@@ -5,10 +5,10 @@ from __future__ import annotations
 import inspect
 import math
 
-import numpy as np
 import pytest
 import scvi
 import torch
+from test_resume import small_cellbench
 
 import cellformers as cf
 
@@ -32,11 +32,7 @@ STANDARD = (
 @pytest.fixture(scope="module")
 def models():
     """A tiny model of each class on 24 labelled CellBench cells (built once)."""
-    adata = cf.data.cellbench_2platform()
-    keep = np.sort(np.random.default_rng(0).choice(adata.n_obs, 24, replace=False))
-    adata = adata[keep].copy()
-    detected = np.asarray((adata.X > 0).mean(0)).ravel()
-    adata = adata[:, np.argsort(-detected, kind="stable")[:150]].copy()
+    adata = small_cellbench(24, 150, seed=0)
     scvi.settings.seed = 0
     built = {}
     for name, setup, kwargs in (
@@ -124,6 +120,11 @@ BAD = [
         ValueError,
         r"train_size \(0.8\) \+ validation_size \(0.3\) must be at most 1",
     ),
+    (
+        {"validation_size": 0.2},
+        ValueError,
+        r"train_size \(0.9 by default\) \+ validation_size \(0.2\) must be at most 1",
+    ),
     ({"mode": "bogus"}, ValueError, "mode must be one of .*, got 'bogus'"),
     ({"early_stopping": "yes"}, TypeError, "early_stopping must be True or False, got 'yes'"),
     ({"shuffle_set_split": 1}, TypeError, "shuffle_set_split must be True or False, got 1"),
@@ -141,6 +142,7 @@ BAD = [
         ValueError,
         r"\['max_time'\] given both in trainer_kwargs and as keyword arguments",
     ),
+    ({"trainer_kwargs": {"batch_size": 4}}, ValueError, r"\['batch_size'\] are not Trainer"),
     ({"datamodule": object()}, NotImplementedError, "does not take a `datamodule` yet"),
 ]
 

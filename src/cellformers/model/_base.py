@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import math
 import numbers
@@ -619,9 +620,9 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         if validation_size is not None:
             validation_size = _check_real("validation_size", validation_size, low=0, high=1)
             if (train_size or 0.9) + validation_size > 1 + 1e-9:
+                given = f"{train_size}" if train_size else "0.9 by default"
                 raise ValueError(
-                    f"train_size ({train_size or 0.9}) + validation_size ({validation_size}) must "
-                    "be at most 1."
+                    f"train_size ({given}) + validation_size ({validation_size}) must be at most 1."
                 )
         for name, value in (("early_stopping", early_stopping), ("shuffle_set_split",
                                                                   shuffle_set_split)):  # fmt: skip
@@ -648,6 +649,12 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         both = sorted(set(trainer_kwargs) & set(kwargs))
         if both:
             raise ValueError(f"{both} given both in trainer_kwargs and as keyword arguments.")
+        own = sorted(
+            set(trainer_kwargs)
+            & {*inspect.signature(FoundationModelBase.train).parameters, "load_sparse_tensor"}
+        )
+        if own:
+            raise ValueError(f"{own} are not Trainer arguments: pass them to train() itself.")
         return self._train(
             mode=mode,
             freeze_layers=freeze_layers,
