@@ -615,8 +615,9 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             max_epochs = _check_int("max_epochs", max_epochs)
         batch_size = _check_int("batch_size", self._train_default("batch_size", batch_size, mode))
         if train_size is not None:
-            train_size = _check_real("train_size", train_size, low=0, high=1, open_low=True,
-                                     open_high=False)  # fmt: skip
+            train_size = _check_real(
+                "train_size", train_size, low=0, high=1, open_low=True, open_high=False
+            )
         if validation_size is not None:
             validation_size = _check_real("validation_size", validation_size, low=0, high=1)
             if (train_size or 0.9) + validation_size > 1 + 1e-9:
@@ -624,8 +625,8 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
                 raise ValueError(
                     f"train_size ({given}) + validation_size ({validation_size}) must be at most 1."
                 )
-        for name, value in (("early_stopping", early_stopping), ("shuffle_set_split",
-                                                                  shuffle_set_split)):  # fmt: skip
+        flags = {"early_stopping": early_stopping, "shuffle_set_split": shuffle_set_split}
+        for name, value in flags.items():
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be True or False, got {value!r}.")
         batch_adversarial = _check_real("batch_adversarial", batch_adversarial, low=0)
@@ -701,7 +702,8 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             return f"``{value!r}``"
 
         defaults = "; ".join(f"``{k}``: {show(v)}" for k, v in cls._train_defaults.items())
-        notes = f"{textwrap.dedent(cls._train_notes).strip()}\n\nDefaults of this class: {defaults}.".strip()
+        notes = textwrap.dedent(cls._train_notes).strip()
+        notes = f"{notes}\n\nDefaults of this class: {defaults}.".strip()
         return _TRAIN_DOC.format(
             summary=cls._train_summary,
             notes=notes,
