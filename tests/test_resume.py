@@ -37,7 +37,7 @@ def small_cellbench(n_cells: int, n_genes: int, *, seed: int):
 
 
 def train_tiny(
-    name: str, checkpoint_dir, *, slow: bool = False, batch_size: int = 8
+    name: str, checkpoint_dir, *, slow: bool = False, batch_size: int = 8, num_workers: int = 0
 ) -> dict[str, torch.Tensor]:
     """Train a tiny model on 48 CellBench cells, resuming from ``checkpoint_dir`` if it can."""
     adata = small_cellbench(48, 120, seed=1)
@@ -62,6 +62,7 @@ def train_tiny(
         checkpoint_dir=checkpoint_dir,
         checkpoint_every_n_steps=2,
         ckpt_path=None if checkpoint_dir is None else "last",
+        datasplitter_kwargs={"num_workers": num_workers},
         enable_progress_bar=False,
         callbacks=[_Slow()] if slow else [],
     )
@@ -118,3 +119,10 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(
         # a resumed run must read the data as the run that wrote the checkpoint
         with pytest.raises(ValueError, match="minibatches per epoch, this run has"):
             train_tiny(name, tmp_path, batch_size=4)
+
+
+def test_data_loader_workers_do_not_change_the_run(cellbench_path, one_thread):
+    # scGPT draws a random gene subset for long cells while loading each minibatch
+    expected = train_tiny("SCGPT", None)
+    got = train_tiny("SCGPT", None, num_workers=2)
+    assert all(torch.equal(got[key], value) for key, value in expected.items())

@@ -107,7 +107,7 @@ Training runs through Lightning (scvi-tools' ``TrainRunner``), so ``accelerator`
 work starts.
 
 The run is reproducible: under the same ``scvi.settings.seed`` it gives the same weights,
-whatever ``checkpoint_dir``. With ``checkpoint_dir`` it also writes ``last.ckpt`` in that
+whatever ``checkpoint_dir`` and the number of data-loader workers. With ``checkpoint_dir`` it also writes ``last.ckpt`` in that
 folder every ``checkpoint_every_n_steps`` optimiser steps (weights, optimiser and
 learning-rate schedule, loop position, training order and seeds). After a crash or a kill,
 build the model as before (same data, same ``scvi.settings.seed``) and call ``train`` again
