@@ -315,6 +315,7 @@ class PretrainingPlan(TrainingPlan):
         partial = path.with_name(LAST_CHECKPOINT + ".partial")
         self._position = (self.current_epoch, batch_idx + 1)
         self.trainer.save_checkpoint(partial, weights_only=False)  # optimiser state too
+        self._position = None  # other checkpoints (e.g. callbacks') hold no position
         if self.trainer.is_global_zero:
             os.replace(partial, path)  # a kill while writing leaves the previous checkpoint
         self._saved_step = self.global_step
