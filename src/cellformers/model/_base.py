@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
+import math
+import numbers
 import os
 import shutil
+import textwrap
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 from uuid import uuid4
 
 import anndata
@@ -43,6 +48,7 @@ from .._io import (
     recover_folder,
 )
 from ..data import (
+    ResumableDataSplitter,
     TokenizingCollator,
     check_expression,
     check_setup_keys,
@@ -52,7 +58,7 @@ from ..data import (
 )
 from ..module import BatchAdversarialModule
 from ..tokenize import COUNT_PERTURB_MODES, perturb_counts
-from ..train import PretrainingPlan
+from ..train import LAST_CHECKPOINT, PretrainingPlan
 from ._lora import LoRAMixin
 
 logger = logging.getLogger(__name__)
@@ -196,6 +202,126 @@ def _warn_single_class(codes: np.ndarray, labels: np.ndarray, *, min_cells: int 
         )
 
 
+def _check_int(name: str, value, *, minimum: int = 1) -> int:
+    """``value`` as an int, or a TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def _check_real(
+    name: str, value, *, low: float, high: float = math.inf, open_low=False, open_high=True
+) -> float:
+    """``value`` as a float in the interval from ``low`` to ``high``, or an error naming it."""
+    interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number in {interval}, got {value!r}.")
+    value = float(value)
+    above = value > low if open_low else value >= low
+    below = value < high if open_high else value <= high
+    if not (math.isfinite(value) and above and below):
+        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}.")
+    return value
+
+
+def _check_mapping(name: str, value) -> dict:
+    """``value`` (a mapping or `None`) as a new dict, or a TypeError naming ``name``."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a dict of keyword arguments, got {type(value).__name__}.")
+    return dict(value)
+
+
+_TRAIN_DOC = """{summary}
+
+{notes}
+
+Training runs through Lightning (scvi-tools' ``TrainRunner``), so ``accelerator``,
+``devices``, ``strategy`` (e.g. ``"ddp"``), ``precision`` and the other Lightning
+``Trainer`` options work as in any scvi-tools model. Every argument is checked before any
+work starts.
+
+The run is reproducible: under the same ``scvi.settings.seed`` it gives the same weights,
+whatever ``checkpoint_dir`` and the number of data-loader workers. With ``checkpoint_dir`` it also writes ``last.ckpt`` in that
+folder every ``checkpoint_every_n_steps`` optimiser steps (weights, optimiser and
+learning-rate schedule, loop position, training order and seeds). After a crash or a kill,
+build the model as before (same data, same ``scvi.settings.seed``) and call ``train`` again
+with the same arguments and ``ckpt_path="last"``: training continues from that checkpoint
+and ends with the same weights as a run that never stopped. The checkpoint loads with
+``torch.load(..., weights_only=True)`` (it holds no pickled code). The training history of
+a resumed run starts at the checkpoint.
+
+Parameters
+----------
+max_epochs
+    Passes through the training cells; scvi-tools' heuristic when `None`.
+mode
+    {modes}.
+accelerator
+    Lightning accelerator (``"cpu"``, ``"gpu"``, ``"auto"`` …).
+devices
+    Lightning devices (a number, a list of device indices or ``"auto"``).
+train_size
+    Fraction of the cells used for training, in (0, 1]; 0.9 when `None`.
+validation_size
+    Fraction of the cells used for validation, in [0, 1); ``1 - train_size`` when `None`.
+    With ``train_size`` it must sum to at most 1; the rest is a test set.
+shuffle_set_split
+    Split the cells at random (under ``scvi.settings.seed``) rather than in order.
+batch_size
+    Cells per minibatch; the class's default below when `None`.
+early_stopping
+    Stop when the monitored validation metric stops improving (fine-tuning monitors the
+    validation macro-F1, ``macro_f1_validation``; other options such as
+    ``early_stopping_patience`` go to ``trainer_kwargs``).
+lr
+    Peak learning rate of AdamW; the class's default below when `None`.
+weight_decay
+    AdamW weight decay; the class's default below when `None`.
+warmup_ratio
+    Fraction of the optimiser steps used for linear warm-up, in [0, 1); the class's default
+    below when `None`.
+freeze_layers
+    Keep the first ``freeze_layers`` encoder layers fixed (the embeddings still train);
+    ``"all"`` trains only the classification head{official}.
+class_weight
+    Fine-tuning only: ``"balanced"`` weights each class's cross-entropy by
+    ``n_cells / (n_classes * n_cells_in_class)``, or a mapping label -> weight (unlisted
+    labels weigh 1).
+batch_adversarial
+    With a weight ``w > 0``, also train an adversarial batch discriminator on the cell
+    embedding with weight ``w`` (batch removal for integration; needs ``batch_key``).
+checkpoint_dir
+    Folder for the resumable checkpoint ``last.ckpt``; `None` writes none.
+checkpoint_every_n_steps
+    Optimiser steps between two checkpoints (a kill loses at most about that many).
+ckpt_path
+    ``"last"`` resumes from ``checkpoint_dir/last.ckpt`` (and starts afresh when there is
+    none yet), a path resumes from that checkpoint file; `None` starts afresh.
+datasplitter_kwargs
+    Passed to scvi-tools' :class:`~scvi.dataloaders.DataSplitter` (e.g. ``num_workers``).
+plan_kwargs
+    Other :class:`~cellformers.train.PretrainingPlan` arguments (e.g.
+    ``lr_schedule="step"``, ``min_lr_ratio``); they take precedence over ``lr``,
+    ``weight_decay`` and ``warmup_ratio``.
+trainer_kwargs
+    Passed to :class:`scvi.train.Trainer` and Lightning's ``Trainer`` (e.g.
+    ``max_time``, ``gradient_clip_val``, ``precision``, ``strategy``).
+datamodule
+    A Lightning data module in place of the registered AnnData. Not supported yet: the
+    minibatches must go through the model's tokenizer.
+**kwargs
+    Merged into ``trainer_kwargs``{extra}.
+
+Returns
+-------
+`None`; the trained weights stay in the model, and ``history`` holds the logged metrics.
+"""
+
+
 class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """Behaviour shared by every cellformers model class.
 
@@ -206,6 +332,20 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """
 
     _training_plan_cls = PretrainingPlan
+    _data_splitter_cls = ResumableDataSplitter
+    _modes: ClassVar[tuple[str, ...]] = MODES  # values of train(mode=...)
+    # class defaults of train(): a value, or a dict mode -> value
+    _train_defaults: ClassVar[dict[str, Any]] = {
+        "batch_size": 32,
+        "lr": 1e-4,
+        "weight_decay": 0.01,
+        "warmup_ratio": 0.1,
+    }
+    # class-specific parts of the train() docstring (see __init_subclass__)
+    _train_summary: ClassVar[str] = "Pretrain the network or fine-tune its classification head."
+    _train_notes: ClassVar[str] = ""
+    _train_official_freeze: ClassVar[str] = ""
+    _train_extra_kwargs: ClassVar[str] = ""
     _unknown_label = "unknown"  # label of cells below `unknown_threshold` in predict_celltype
     finetuned_ = False  # whether the classification head has been trained
 
@@ -538,25 +678,46 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         batch_size: int,
         plan_kwargs: dict,
         datasplitter_kwargs: dict | None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every_n_steps: int = 50,
+        ckpt_path: str | os.PathLike | None = None,
         **kwargs,
     ):
-        """Train through scvi-tools with minibatches tokenized on the fly by ``tokenize``."""
+        """Train through scvi-tools with minibatches tokenized on the fly by ``tokenize``.
+
+        The run's seed (drawn from torch's random state, or restored from ``ckpt_path``) fixes
+        the training order and every step's random draws (see
+        :class:`~cellformers.train.PretrainingPlan`), so resuming from a checkpoint repeats
+        the run that wrote it.
+        """
         # scvi-tools leaves the module in eval mode after training; Lightning keeps that mode,
         # which would switch dropout off in a second training run
         self.module.train()
+        seed = int(torch.randint(2**31 - 1, ()).item())
         datasplitter_kwargs = {
             "collate_fn": TokenizingCollator(tokenize),
             **(datasplitter_kwargs or {}),
+            "seed": seed,
         }
-        return UnsupervisedTrainingMixin.train(
-            self,
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            load_sparse_tensor=True,
-            plan_kwargs=plan_kwargs,
-            datasplitter_kwargs=datasplitter_kwargs,
-            **kwargs,
-        )
+        plan_kwargs = {
+            **plan_kwargs,
+            "seed": seed,
+            "checkpoint_dir": checkpoint_dir,
+            "checkpoint_every_n_steps": checkpoint_every_n_steps,
+        }
+        with warnings.catch_warnings():
+            # the plan restores the position in the epoch itself (Lightning cannot tell)
+            warnings.filterwarnings("ignore", message=".*your dataloader is not resumable")
+            return UnsupervisedTrainingMixin.train(
+                self,
+                max_epochs=max_epochs,
+                batch_size=batch_size,
+                load_sparse_tensor=True,
+                plan_kwargs=plan_kwargs,
+                datasplitter_kwargs=datasplitter_kwargs,
+                ckpt_path=ckpt_path,
+                **kwargs,
+            )
 
     def _iter_token_batches(
         self,
@@ -830,6 +991,188 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             )
         return torch.as_tensor(weights, dtype=torch.float32)
 
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        max_epochs: int | None = None,
+        *,
+        mode: str = "pretrain",
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        train_size: float | None = None,
+        validation_size: float | None = None,
+        shuffle_set_split: bool = True,
+        batch_size: int | None = None,
+        early_stopping: bool = False,
+        lr: float | None = None,
+        weight_decay: float | None = None,
+        warmup_ratio: float | None = None,
+        freeze_layers: int | str = 0,
+        class_weight: str | Mapping[str, float] | None = None,
+        batch_adversarial: float = 0.0,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every_n_steps: int = 50,
+        ckpt_path: str | os.PathLike | None = None,
+        datasplitter_kwargs: Mapping[str, Any] | None = None,
+        plan_kwargs: Mapping[str, Any] | None = None,
+        trainer_kwargs: Mapping[str, Any] | None = None,
+        datamodule=None,
+        **kwargs,
+    ):
+        if mode not in self._modes:
+            raise ValueError(f"mode must be one of {self._modes}, got {mode!r}.")
+        if datamodule is not None:
+            raise NotImplementedError(
+                f"{type(self).__name__}.train does not take a `datamodule` yet: its minibatches "
+                "must go through the model's tokenizer. Train on the registered AnnData instead."
+            )
+        if max_epochs is not None:
+            max_epochs = _check_int("max_epochs", max_epochs)
+        batch_size = _check_int("batch_size", self._train_default("batch_size", batch_size, mode))
+        if train_size is not None:
+            train_size = _check_real(
+                "train_size", train_size, low=0, high=1, open_low=True, open_high=False
+            )
+        if validation_size is not None:
+            validation_size = _check_real("validation_size", validation_size, low=0, high=1)
+            if (train_size or 0.9) + validation_size > 1 + 1e-9:
+                given = f"{train_size}" if train_size else "0.9 by default"
+                raise ValueError(
+                    f"train_size ({given}) + validation_size ({validation_size}) must be at most 1."
+                )
+        flags = {"early_stopping": early_stopping, "shuffle_set_split": shuffle_set_split}
+        for name, value in flags.items():
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {value!r}.")
+        batch_adversarial = _check_real("batch_adversarial", batch_adversarial, low=0)
+        checkpoint_every_n_steps = _check_int("checkpoint_every_n_steps", checkpoint_every_n_steps)
+        ckpt_path = self._resolve_ckpt_path(ckpt_path, checkpoint_dir)
+        datasplitter_kwargs = _check_mapping("datasplitter_kwargs", datasplitter_kwargs)
+        plan_kwargs = {
+            "lr": self._train_default("lr", lr, mode),
+            "weight_decay": self._train_default("weight_decay", weight_decay, mode),
+            "warmup_ratio": self._train_default("warmup_ratio", warmup_ratio, mode),
+            **_check_mapping("plan_kwargs", plan_kwargs),
+        }
+        plan_kwargs["lr"] = _check_real("lr", plan_kwargs["lr"], low=0, open_low=True)
+        plan_kwargs["weight_decay"] = _check_real(
+            "weight_decay", plan_kwargs["weight_decay"], low=0
+        )
+        plan_kwargs["warmup_ratio"] = _check_real(
+            "warmup_ratio", plan_kwargs["warmup_ratio"], low=0, high=1
+        )
+        trainer_kwargs = _check_mapping("trainer_kwargs", trainer_kwargs)
+        both = sorted(set(trainer_kwargs) & set(kwargs))
+        if both:
+            raise ValueError(f"{both} given both in trainer_kwargs and as keyword arguments.")
+        own = sorted(
+            set(trainer_kwargs)
+            & {*inspect.signature(FoundationModelBase.train).parameters, "load_sparse_tensor"}
+        )
+        if own:
+            raise ValueError(f"{own} are not Trainer arguments: pass them to train() itself.")
+        return self._train(
+            mode=mode,
+            freeze_layers=freeze_layers,
+            class_weight=class_weight,
+            batch_adversarial=batch_adversarial,
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            plan_kwargs=plan_kwargs,
+            datasplitter_kwargs=datasplitter_kwargs,
+            accelerator=accelerator,
+            devices=devices,
+            train_size=train_size,
+            validation_size=validation_size,
+            shuffle_set_split=shuffle_set_split,
+            early_stopping=early_stopping,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every_n_steps=checkpoint_every_n_steps,
+            ckpt_path=ckpt_path,
+            **trainer_kwargs,
+            **kwargs,
+        )
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Give each model class a :meth:`train` whose docstring tells its own recipe."""
+        super().__init_subclass__(**kwargs)
+        if "train" in cls.__dict__:
+            return
+
+        @functools.wraps(FoundationModelBase.train)
+        def train(self, *args, **kw):
+            return FoundationModelBase.train(self, *args, **kw)
+
+        train.__doc__ = cls._train_docstring()
+        train.__qualname__ = f"{cls.__qualname__}.train"
+        cls.train = train
+
+    @classmethod
+    def _train_docstring(cls) -> str:
+        """Fill the shared :meth:`train` docstring in with the class's recipe and defaults."""
+
+        def show(value) -> str:
+            if isinstance(value, Mapping):
+                return ", ".join(f"``{v!r}`` ({m})" for m, v in value.items())
+            return f"``{value!r}``"
+
+        defaults = "; ".join(f"``{k}``: {show(v)}" for k, v in cls._train_defaults.items())
+        notes = textwrap.dedent(cls._train_notes).strip()
+        notes = f"{notes}\n\nDefaults of this class: {defaults}.".strip()
+        return _TRAIN_DOC.format(
+            summary=cls._train_summary,
+            notes=notes,
+            modes=", ".join(f"``{m!r}``" for m in cls._modes),
+            official=cls._train_official_freeze,
+            extra=cls._train_extra_kwargs,
+        )
+
+    def _train_default(self, name: str, value, mode: str):
+        """``value``, or the class's default of ``train(name=...)`` for ``mode``."""
+        if value is not None:
+            return value
+        default = self._train_defaults[name]
+        return default[mode] if isinstance(default, Mapping) else default
+
+    @staticmethod
+    def _resolve_ckpt_path(
+        ckpt_path: str | os.PathLike | None, checkpoint_dir: str | os.PathLike | None
+    ) -> str | None:
+        """Return the checkpoint file to resume from, or `None` to start afresh."""
+        if checkpoint_dir is not None:
+            if not isinstance(checkpoint_dir, str | os.PathLike):
+                raise TypeError(f"checkpoint_dir must be a folder path, got {checkpoint_dir!r}.")
+            if Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
+                raise ValueError(f"checkpoint_dir {str(checkpoint_dir)!r} is not a folder.")
+        if ckpt_path is None:
+            return None
+        if ckpt_path == "last":
+            if checkpoint_dir is None:
+                raise ValueError(
+                    'ckpt_path="last" resumes from the checkpoints of `checkpoint_dir`: pass the '
+                    "folder given to the run that wrote them."
+                )
+            ckpt_path = Path(checkpoint_dir) / LAST_CHECKPOINT
+            if not ckpt_path.is_file():
+                logger.info("No checkpoint in %s yet; training starts afresh.", checkpoint_dir)
+                return None
+        elif not isinstance(ckpt_path, str | os.PathLike):
+            raise TypeError(f'ckpt_path must be None, "last" or a file path, got {ckpt_path!r}.')
+        if not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"ckpt_path {str(ckpt_path)!r} is not a checkpoint file.")
+        try:  # memory-mapped: reads little; nothing in the file may run code
+            torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:
+            raise ValueError(
+                f"{str(ckpt_path)!r} is not a checkpoint that loads safely with "
+                f"torch.load(weights_only=True): {error}"
+            ) from error
+        return str(ckpt_path)
+
+    def _train(self, *, mode: str, **kwargs):
+        """Run :meth:`train` with checked arguments (hook for class-specific checks)."""
+        return self._run_training(mode=mode, **kwargs)
+
     def _run_training(
         self,
         *,
@@ -853,8 +1196,6 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         embedding with an adversarial batch discriminator of that weight
         (:class:`~cellformers.module.BatchAdversarialModule`; needs ``batch_key``).
         """
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
         finetune = mode == "finetune"
         weights = None
         if finetune:
@@ -1534,3 +1875,6 @@ def _read_saved_adata(folder: Path, names: dict[str, str], registry: dict):
         return anndata.read_h5ad(path)
     except Exception as e:
         raise ValueError(f"Could not read the saved data {path}: {e}") from e
+
+
+FoundationModelBase.train.__doc__ = FoundationModelBase._train_docstring()

@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -535,94 +535,37 @@ class Geneformer(FoundationModelBase):
         return "<cls>" in self.vocab
 
     # ------------------------------------------------------------------ training
-    def train(
-        self,
-        max_epochs: int | None = None,
-        *,
-        mode: Literal["pretrain", "finetune"] = "pretrain",
-        freeze_layers: int | Literal["all"] = 0,
-        class_weight: str | Mapping[str, float] | None = None,
-        batch_size: int = 12,
-        lr: float | None = None,
-        weight_decay: float = 0.001,
-        warmup_ratio: float = 0.05,
-        plan_kwargs: dict | None = None,
-        datasplitter_kwargs: dict | None = None,
-        **kwargs,
-    ):
-        """Masked-gene pretraining or cell classification fine-tuning on the registered AnnData.
+    _train_summary = (
+        "Masked-gene pretraining or cell classification fine-tuning on the registered AnnData."
+    )
+    _train_notes = """
+    ``mode="pretrain"`` masks ``mlm_probability`` of each cell's tokens (80 % become
+    ``<mask>``, 10 % a random token, 10 % stay) and learns to predict the genes at those
+    ranks, as the official pretraining does. ``mode="finetune"`` trains the classification
+    head (``tanh`` pooler on the first token, then a linear layer, as Hugging Face's
+    ``BertForSequenceClassification``) and the encoder on the registered ``labels_key``.
+    ``freeze_layers`` works as the official ``Classifier(freeze_layers=...)``. The defaults
+    follow the official recipes (the V1 pretraining and the fine-tuning examples).
+    """
+    _train_defaults: ClassVar[dict[str, Any]] = {
+        "batch_size": 12,
+        "lr": {"pretrain": 1e-3, "finetune": 5e-5},
+        "weight_decay": 0.001,
+        "warmup_ratio": 0.05,
+    }
 
-        ``mode="pretrain"`` masks ``mlm_probability`` of each cell's tokens (80 % become
-        ``<mask>``, 10 % a random token, 10 % stay) and learns to predict the genes at those
-        ranks, as the official pretraining does. ``mode="finetune"`` trains the classification
-        head (``tanh`` pooler on the first token, then a linear layer, as Hugging Face's
-        ``BertForSequenceClassification``) and the encoder on the registered ``labels_key``.
-        Training runs through Lightning, so ``accelerator``, ``devices``, ``strategy`` and
-        ``precision`` work as in any scvi-tools model.
-
-        Parameters
-        ----------
-        max_epochs
-            Passes through the data; scvi-tools' heuristic when ``None``.
-        mode
-            ``"pretrain"`` or ``"finetune"``.
-        freeze_layers
-            Keep the first ``freeze_layers`` encoder layers fixed (the embeddings still train),
-            as the official ``Classifier(freeze_layers=...)``; ``"all"`` trains only the
-            classification head (pooler and classifier).
-        class_weight
-            Fine-tuning only: ``"balanced"`` weights each class's cross-entropy by
-            ``n_cells / (n_classes * n_cells_in_class)`` (for imbalanced labels), or a mapping
-            label -> weight (unlisted labels weigh 1).
-        batch_size
-            Cells per minibatch (official default 12).
-        lr
-            Peak learning rate of AdamW; 1e-3 for pretraining (the V1 recipe) and 5e-5 for
-            fine-tuning by default.
-        weight_decay
-            AdamW weight decay (official 0.001).
-        warmup_ratio
-            Fraction of steps used for linear warm-up before cosine decay.
-        plan_kwargs
-            Other :class:`~cellformers.train.PretrainingPlan` arguments.
-        datasplitter_kwargs
-            Passed to scvi-tools' ``DataSplitter`` (e.g. ``num_workers``).
-        **kwargs
-            Passed to :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` and Lightning's
-            ``Trainer`` (``train_size``, ``accelerator``, ``max_time`` …). With
-            ``early_stopping=True`` fine-tuning stops when the validation macro-F1
-            (``macro_f1_validation``) stops improving. ``batch_adversarial=w``
-            also trains an adversarial batch discriminator on the cell embedding with
-            weight ``w`` (batch removal for integration; needs ``batch_key``).
-
-        """
+    def _train(self, *, mode: str, **kwargs):
         if mode == "pretrain" and self.module.mlm_head is None:
             raise ValueError(
                 "This model has no masked-gene head (a classifier checkpoint); use mode='finetune'."
             )
-        lr = (1e-3 if mode == "pretrain" else 5e-5) if lr is None else lr
-        plan_kwargs = {
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "warmup_ratio": warmup_ratio,
-            **(plan_kwargs or {}),
-        }
         if (
             kwargs.get("strategy") == "ddp"
             and self.module.mlm_head is not None
             and self.module.classifier is not None
         ):
             kwargs["strategy"] = "ddp_find_unused_parameters_true"  # one head idles per objective
-        return self._run_training(
-            mode=mode,
-            freeze_layers=freeze_layers,
-            class_weight=class_weight,
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            plan_kwargs=plan_kwargs,
-            datasplitter_kwargs=datasplitter_kwargs,
-            **kwargs,
-        )
+        return super()._train(mode=mode, **kwargs)
 
     # ------------------------------------------------------------------ embeddings
     def _layer_depth(self, layer: int) -> int:
