@@ -23,6 +23,7 @@ from ..data import geneformer_v1_dictionaries
 from ..genes import GeneVocab, match_genes, read_gene_dict
 from ..module import GeneformerModule
 from ..pretrained import (
+    resolve_pretrained,
     geneformer_module_kwargs,
     load_geneformer_state_dict,
     read_geneformer_checkpoint,
@@ -361,7 +362,7 @@ class Geneformer(FoundationModelBase):
         Parameters
         ----------
         path
-            Checkpoint folder.
+            Registered name (:func:`cellformers.pretrained.available`, e.g. ``"geneformer-v2-104m"``, downloaded once with pinned sha256), checkpoint folder, or Hugging Face repository id.
         adata
             AnnData registered with :meth:`setup_anndata`.
         token_dictionary
@@ -374,7 +375,7 @@ class Geneformer(FoundationModelBase):
             Minimum fraction of the AnnData's genes found in the token dictionary.
 
         """
-        folder = Path(path)
+        folder, _ = resolve_pretrained(path, cls)
         ckpt = read_geneformer_checkpoint(folder)
         kwargs = geneformer_module_kwargs(ckpt.config)
         vocab_size = kwargs.pop("vocab_size")
