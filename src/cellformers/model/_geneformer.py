@@ -23,10 +23,10 @@ from ..data import geneformer_v1_dictionaries
 from ..genes import GeneVocab, match_genes, read_gene_dict
 from ..module import GeneformerModule
 from ..pretrained import (
-    resolve_pretrained,
     geneformer_module_kwargs,
     load_geneformer_state_dict,
     read_geneformer_checkpoint,
+    resolve_pretrained,
     save_geneformer_checkpoint,
 )
 from ..tokenize import (

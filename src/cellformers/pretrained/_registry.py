@@ -121,7 +121,9 @@ class PretrainedModel:
         for f in self.files:
             if f.fname == fname:
                 return f
-        raise KeyError(f"{self.name!r} has no file {fname!r}; it has {[f.fname for f in self.files]}.")
+        raise KeyError(
+            f"{self.name!r} has no file {fname!r}; it has {[f.fname for f in self.files]}."
+        )
 
 
 # ---------------------------------------------------------------------------------- entries
@@ -177,7 +179,7 @@ def _geneformer(
     config: tuple[str, int],
     dictionaries: tuple[PretrainedFile, ...] = (),
 ) -> PretrainedModel:
-    """A Geneformer entry: ``config.json`` and weights of ``folder`` at revision ``rev``.
+    """Build a Geneformer entry: ``config.json`` and weights of ``folder`` at revision ``rev``.
 
     Version 1 models (25,426 tokens) read the V1 dictionaries of
     :func:`~cellformers.data.geneformer_v1_dictionaries`; version 2 models carry theirs.
@@ -416,7 +418,7 @@ def _entry(name: str | PretrainedModel) -> PretrainedModel:
 
 
 def model_folder(name: str | PretrainedModel) -> Path:
-    """The cache folder of a registered model (``cache_dir / "pretrained" / name``)."""
+    """Return the cache folder of a registered model (``cache_dir / "pretrained" / name``)."""
     return settings.cache_dir / "pretrained" / _entry(name).name
 
 
@@ -431,7 +433,7 @@ def is_cached(name: str | PretrainedModel) -> bool:
 
 
 def available() -> pd.DataFrame:
-    """The registered pretrained models.
+    """List the registered pretrained models.
 
     Returns
     -------
