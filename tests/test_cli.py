@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -225,12 +224,17 @@ def test_list_and_info_of_registered_names(capsys):
 
 
 def test_demo_minutes_is_a_cap(tmp_path):
-    spec = importlib.util.find_spec("cellformers._demo")
-    assert spec is not None
-    start = time.perf_counter()
-    res = _run("demo", "--minutes", "0.3", "--outdir", tmp_path, timeout=600)
+    import re
+
+    from cellformers._demo import EVALUATION_SHARE
+
+    minutes = 0.5
+    res = _run("demo", "--minutes", minutes, "--outdir", tmp_path, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "umap_scgpt_pbmc68k.png").is_file()
     assert "kNN label transfer" in res.stdout
-    assert "--minutes" not in res.stderr
-    assert time.perf_counter() - start < 0.3 * 60 + 120  # the cap plus start-up and imports
+    trained = float(re.search(r"Pretrained \d+ epochs in ([\d.]+) s", res.stdout).group(1))
+    total = float(re.search(r"Finished in ([\d.]+) s", res.stdout).group(1))
+    # training stops at its share of the budget (checked after every step of ~0.1 s)
+    assert trained <= (1 - EVALUATION_SHARE) * minutes * 60 + 3
+    assert total <= minutes * 60 * 1.5  # evaluation time is estimated, not enforced
