@@ -16,6 +16,7 @@ from cellformers.cli import main
 
 SRC = Path(__file__).parents[1] / "src"
 N_CELLS = 40
+N_GENES = 3000
 
 
 def _run(*args, timeout=600):
@@ -35,11 +36,12 @@ def _run(*args, timeout=600):
 
 @pytest.fixture(scope="module")
 def small_h5ad(tmp_path_factory, cellbench_path):
-    """40 CellBench cells (both platforms, all genes) as a file."""
+    """40 CellBench cells (both platforms) and 3,000 genes, EGFR and KRAS among them, as a file."""
     adata = ad.read_h5ad(cellbench_path)
-    keep = np.r_[0:20, adata.n_obs - 20 : adata.n_obs]
+    cells = np.r_[0:20, adata.n_obs - 20 : adata.n_obs]
+    genes = np.union1d(np.arange(N_GENES - 2), adata.var_names.get_indexer(["EGFR", "KRAS"]))
     path = tmp_path_factory.mktemp("cli") / "cells.h5ad"
-    adata[keep].copy().write_h5ad(path)
+    adata[cells, genes].copy().write_h5ad(path)
     return path
 
 
@@ -139,14 +141,28 @@ def test_errors_in_process(tmp_path, small_h5ad, saved_model, capsys):
     out.write_bytes(b"")
     assert main(["embed", str(small_h5ad), "-m", str(folder), "-o", str(out)]) == 1
     assert "--overwrite" in capsys.readouterr().err
-    # a registered model of another family, named through the wrong command options
-    code = main(["embed", str(small_h5ad), "-m", str(folder), "-o", str(tmp_path / "a.h5ad")])
-    assert code == 0
-    assert main(["embed", str(small_h5ad), "-m", str(folder), "-o", "x.h5ad", "--layer", "c"]) == 1
-    assert "saved model uses its own setup" in capsys.readouterr().err
+    argv = ["embed", str(small_h5ad), "-m", str(folder), "-o", str(tmp_path / "x.h5ad")]
+    assert main([*argv, "--layer", "no_such_layer"]) == 1
+    assert "no_such_layer" in capsys.readouterr().err
+    assert main([*argv, "--batch-size", "0"]) == 1
+    assert main(["embed", str(small_h5ad), "-m", "scbert", "-o", str(tmp_path / "y.h5ad")]) == 1
     with pytest.raises(SystemExit) as e:
         main(["embed", str(small_h5ad)])  # --model and -o are required
     assert e.value.code == 2
+
+
+def test_embed_query_with_other_genes_and_no_labels(tmp_path, small_h5ad, saved_model):
+    """A saved model reads any cells: here fewer genes, in another order, without labels."""
+    from cellformers.model import SCGPT
+
+    folder, _, _ = saved_model
+    query = ad.read_h5ad(small_h5ad)[:, ::-2].copy()
+    del query.obs["cell_line"]
+    path, out = tmp_path / "query.h5ad", tmp_path / "query_emb.h5ad"
+    query.write_h5ad(path)
+    assert main(["embed", str(path), "-m", str(folder), "-o", str(out), "-q"]) == 0
+    expected = SCGPT.load(folder, adata=ad.read_h5ad(small_h5ad)).get_latent_representation(query)
+    np.testing.assert_allclose(ad.read_h5ad(out).obsm["X_scgpt"], expected, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------- others
@@ -180,7 +196,7 @@ def test_convert_and_info_of_an_official_folder(tmp_path, small_h5ad, capsys):
     from cellformers.genes import GeneVocab
     from cellformers.module import SCGPTModule
 
-    genes = list(ad.read_h5ad(small_h5ad, backed="r").var_names[:300])
+    genes = list(ad.read_h5ad(small_h5ad, backed="r").var_names)
     vocab = GeneVocab.from_tokens(genes)
     folder = tmp_path / "scGPT_tiny"
     folder.mkdir()
@@ -194,8 +210,9 @@ def test_convert_and_info_of_an_official_folder(tmp_path, small_h5ad, capsys):
 
     assert main(["info", str(folder), "--data", str(small_h5ad)]) == 0
     text = capsys.readouterr().out
-    assert "scGPT (official folder" in text and "vocabulary:  300 genes" in text
-    assert f"Matched 300 of {ad.read_h5ad(small_h5ad, backed='r').n_vars:,} genes" in text
+    n = len(genes)
+    assert "scGPT (official folder" in text and f"vocabulary:  {n:,} genes" in text
+    assert f"Matched {n:,} of {n:,} genes" in text
     n_values = sum(v.numel() for v in module.state_dict().values())
     assert f"parameters:  {n_values:,} values" in text
 

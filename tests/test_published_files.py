@@ -22,6 +22,7 @@ from cellformers.pretrained import (
     geneformer_module_kwargs,
     save_geneformer_checkpoint,
 )
+from cellformers.tokenize import tokenize_scbert
 
 PUBLISHED = Path(__file__).parents[2] / "shared" / "data" / "published"
 CONFIGS = PUBLISHED / "geneformer_configs"
@@ -69,23 +70,23 @@ def _random_folder(tmp_path, config_name: str, **extra_files) -> Path:
 
 
 def test_v1_10m_from_real_config_embeds_real_cells(tmp_path, cellbench):
-    adata = cellbench[:6].copy()
+    adata = cellbench[:3].copy()
     Geneformer.setup_anndata(adata, gene_key="ensembl_id")
     model = Geneformer.from_pretrained(_random_folder(tmp_path, "Geneformer-V1-10M"), adata)
     assert len(model.vocab) == 25426 and model.module.hidden_size == 256
     emb = model.get_latent_representation()
-    assert emb.shape == (6, 256) and np.isfinite(emb).all()
+    assert emb.shape == (3, 256) and np.isfinite(emb).all()
     assert np.abs(emb[0] - emb[1]).max() > 1e-3  # different cells, different embeddings
 
 
 def test_cardiomyopathy_classifier_config_predicts_its_three_classes(tmp_path, cellbench):
-    adata = cellbench[:4].copy()
+    adata = cellbench[:2].copy()
     Geneformer.setup_anndata(adata, gene_key="ensembl_id")
     folder = _random_folder(tmp_path, "V1-10M_CellClassifier_cardiomyopathies_220224")
     model = Geneformer.from_pretrained(folder, adata)
     probs = model.predict_celltype(soft=True)
     labels = _config("V1-10M_CellClassifier_cardiomyopathies_220224")["id2label"]
-    assert probs.shape == (4, 3) and len(labels) == 3
+    assert probs.shape == (2, 3) and len(labels) == 3
     np.testing.assert_allclose(probs.to_numpy().sum(1), 1.0, atol=1e-5)
 
 
@@ -125,12 +126,12 @@ def test_scgpt_whole_human_args_and_vocab_embed_real_cells(tmp_path, cellbench):
     module = SCGPTModule(len(vocab), pad_id=vocab.pad_id)  # the defaults are the published sizes
     assert module.d_model == args["embsize"] and len(module.transformer_encoder.layers) == 12
     torch.save(module.state_dict(), folder / "best_model.pt")
-    adata = cellbench[:3].copy()
+    adata = cellbench[:2].copy()
     SCGPT.setup_anndata(adata)
     model = SCGPT.from_pretrained(folder, adata)
     assert model._token_kwargs["max_seq_len"] == args["max_seq_len"] == 1200
     emb = model.get_latent_representation()
-    assert emb.shape == (3, 512) and np.isfinite(emb).all()
+    assert emb.shape == (2, 512) and np.isfinite(emb).all()
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     coverage = match_genes(adata.var_names, vocab, min_coverage=0.0)
     assert coverage.fraction > 0.8
@@ -141,7 +142,8 @@ def test_scfoundation_gene_index_covers_real_cells(cellbench):
     genes = read_gene_list(PUBLISHED / "scfoundation" / "OS_scRNA_gene_index.19264.tsv")
     assert len(genes) == 19264 and genes[:2] == ["A1BG", "A1CF"]
     vocab = GeneVocab.from_tokens(genes, specials=(), pad_token=None, cls_token=None)
-    assert match_genes(cellbench.var_names, vocab, min_coverage=0.0).fraction > 0.8
+    # 11,408 of CellBench's 15,073 genes (the rest are mostly pseudogenes and lncRNAs)
+    assert match_genes(cellbench.var_names, vocab, min_coverage=0.0).n_matched == 11408
     entry = PRETRAINED["scfoundation"]
     assert entry.arguments["gene_list"] == "OS_scRNA_gene_index.19264.tsv"
 
@@ -156,28 +158,33 @@ def test_scbert_real_gene2vec_tells_genes_apart(tmp_path, cellbench):
     module = SCBERTModule(16906, gene2vec=torch.as_tensor(table), depth=1, heads=2, dim_head=8)
     torch.save({"model_state_dict": module.state_dict()}, tmp_path / "panglao_pretrain.pth")
 
-    # two cells that differ only in which (panel) gene carries the same count
+    # one real cell in which two panel genes carry the same count
     adata = cellbench[:1].copy()
     in_panel = set(panel)
     zero = np.asarray(adata.X.toarray()[0] == 0)
     a, b = [g for g, z in zip(adata.var_names, zero, strict=True) if z and g in in_panel][:2]
-    adata = adata[[0, 0]].copy()
-    adata.obs_names = ["with_a", "with_b"]
     X = adata.X.tolil()
     X[0, adata.var_names.get_loc(a)] = 5
-    X[1, adata.var_names.get_loc(b)] = 5
+    X[0, adata.var_names.get_loc(b)] = 5
     adata.X = X.tocsr()
     SCBERT.setup_anndata(adata)
     model = SCBERT.from_pretrained(
         tmp_path / "panglao_pretrain.pth",
         adata,
         gene_panel=src / "panglao_gene_order_16906.h5ad",
-        gene2vec=src / "gene2vec_16906.npy",
+        gene2vec=src / "gene2vec_16906.npy",  # checked against the checkpoint's table
     )
-    emb = model.get_latent_representation()
-    assert not np.allclose(emb[0], emb[1], atol=1e-4)
-    rows = [panel.index(a), panel.index(b)]
-    assert not np.allclose(table[rows[0]], table[rows[1]])
+    assert model.get_latent_representation().shape == (1, 200)
+    tokens = torch.as_tensor(tokenize_scbert(adata.X, model._gene_panel_ids(adata), n_genes=16906))
+    pa, pb = panel.index(a), panel.index(b)
+    assert tokens[0, pa] == tokens[0, pb] > 0  # same expression bin
+    with torch.no_grad():
+        states = model.module.encode(tokens)[0]
+        assert (states[pa] - states[pb]).abs().max() > 1e-2  # gene2vec tells them apart
+        # without gene identity (every row of the table the same) the two are the same
+        model.module.pos_emb.emb.weight[:] = model.module.pos_emb.emb.weight[0]
+        states = model.module.encode(tokens)[0]
+        assert (states[pa] - states[pb]).abs().max() < 1e-5
     with pytest.raises(ValueError, match="position table"):  # a shuffled panel is caught
         SCBERT.from_pretrained(
             tmp_path / "panglao_pretrain.pth",

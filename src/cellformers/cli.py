@@ -155,18 +155,52 @@ def _write_elements(path: str, group: str, elements: dict) -> None:
             write_elem(f, where, value)
 
 
-def _saved_model_class(folder: str):
-    """Return the model class of a folder written by ``model.save``, or `None`."""
+def _saved_model(folder: str):
+    """Load a folder written by ``model.save``, or return `None` for another folder.
+
+    The model is loaded on a few stand-in cells with its registered genes and categories, so that
+    any data, whatever its genes and columns, is then read as query data (as in Python).
+    """
     from . import model as models
 
     try:
-        name = models.SCGPT.load_registry(folder)["model_name"]
+        registry = models.SCGPT.load_registry(folder)
     except Exception:  # not a saved model (or an unreadable one)
         return None
-    cls = getattr(models, name, None)
+    cls = getattr(models, registry["model_name"], None)
     if cls is None:
-        raise CLIError(f"{folder} holds a saved {name}, which is not a cellformers model")
-    return cls
+        raise CLIError(f"{folder} holds a saved {registry['model_name']}, not a cellformers model")
+    return cls.load(folder, adata=_stand_in_cells(registry))
+
+
+def _stand_in_cells(registry: dict):
+    """Cells with the registered genes, layer and ``obs`` columns (every category once)."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse as sp
+
+    fields = registry["field_registries"]
+    genes = np.asarray(fields["X"]["state_registry"]["column_names"]).astype(str)
+    columns = {}
+    for field in fields.values():
+        state, where = field["state_registry"], field.get("data_registry", {})
+        key = state.get("original_key", where.get("attr_key"))
+        if where.get("attr_name") == "obs" and key and not key.startswith("_scvi"):
+            columns[key] = state.get("categorical_mapping")
+    n = max([len(c) for c in columns.values() if c is not None] + [1])
+    X = sp.csr_matrix(
+        (np.ones(n, np.float32), (np.arange(n), np.arange(n) % len(genes))), shape=(n, len(genes))
+    )
+    cells = ad.AnnData(X=X, var=pd.DataFrame(index=genes))
+    for key, categories in columns.items():
+        cells.obs[key] = np.resize(np.asarray(categories), n) if categories is not None else 1.0
+    setup = registry["setup_args"]
+    if setup.get("layer"):
+        cells.layers[setup["layer"]] = X.copy()
+    if setup.get("gene_key"):
+        cells.var[setup["gene_key"]] = genes
+    return cells
 
 
 def _official_model_class(path: str):
@@ -195,13 +229,12 @@ def _load_model(args, adata):
         return cls.from_pretrained(spec, adata)
     path, _ = resolve_pretrained(spec)
     path = os.fspath(path)
-    cls = _saved_model_class(path) if os.path.isdir(path) else None
-    if cls is not None:
-        if args.layer or args.gene_key:
-            raise CLIError(
-                "--layer and --gene-key apply to checkpoints; a saved model uses its own setup"
-            )
-        return cls.load(path, adata=adata)
+    model = _saved_model(path) if os.path.isdir(path) else None
+    if model is not None:
+        given = {k: v for k, v in setup.items() if v is not None}
+        if given:  # the data's own setup, else the model's
+            type(model).setup_anndata(adata, **(model._query_setup_args(adata) | given))
+        return model
     cls = _official_model_class(path)
     if cls is None:
         raise CLIError(
