@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
-import json
 import shutil
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -200,9 +199,9 @@ def test_from_pretrained_names_load_tiny_checkpoints(mirror, monkeypatch, cellbe
     """Each family loads a registered name: tiny random networks in the official layouts, with
     the real auxiliary files, served by the mirror and pinned by their real hashes."""
     from reference_scfoundation import official_config, official_state_dict, save_models_ckpt
+    from tiny_checkpoints import tiny_scgpt_folder
 
-    from cellformers.genes import GeneVocab
-    from cellformers.module import GeneformerModule, SCBERTModule, SCGPTModule
+    from cellformers.module import GeneformerModule, SCBERTModule
     from cellformers.pretrained import save_geneformer_checkpoint
 
     adata = cellbench[:12].copy()
@@ -222,22 +221,8 @@ def test_from_pretrained_names_load_tiny_checkpoints(mirror, monkeypatch, cellbe
     gf_files = {p.name: p for p in gf.iterdir()}
     gf_files |= {f: _published_copy("geneformer-v2-104m", f) for f in LOCAL_COPIES if "gc104M" in f}
     # scGPT layout with the real vocabulary
-    vocab_json = _published_copy("scgpt-human", "vocab.json")
-    vocab = GeneVocab.from_file(vocab_json)
-    sg = made / "sg"
-    sg.mkdir(parents=True)
-    args = {"embsize": 16, "nheads": 2, "d_hid": 16, "nlayers": 1, "n_bins": 51, "dropout": 0.0}
-    args |= {"pad_token": "<pad>", "input_emb_style": "continuous", "max_seq_len": 64}
-    args |= {"pad_value": -2, "mask_value": -1, "MVC": True}
-    (sg / "args.json").write_text(json.dumps(args))
-    torch.manual_seed(0)
-    module = SCGPTModule(len(vocab), d_model=16, nhead=2, d_hid=16, nlayers=1, pad_id=vocab.pad_id)
-    torch.save(module.state_dict(), sg / "best_model.pt")
-    sg_files = {
-        "args.json": sg / "args.json",
-        "vocab.json": vocab_json,
-        "best_model.pt": sg / "best_model.pt",
-    }
+    sg = tiny_scgpt_folder(made / "sg", _published_copy("scgpt-human", "vocab.json"))
+    sg_files = {p.name: p for p in sg.iterdir()}
     # scFoundation: the real 19,264-gene index with a tiny models.ckpt
     gene_index = _published_copy("scfoundation", "OS_scRNA_gene_index.19264.tsv")
     sds = {
