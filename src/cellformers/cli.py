@@ -142,11 +142,20 @@ def _copy_input(args) -> None:
         shutil.copyfile(args.input, args.output)
 
 
+def _elem_io():
+    """``(write_elem, read_elem)`` of anndata (``anndata.io`` from 0.11, before in experimental)."""
+    try:
+        from anndata.io import read_elem, write_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import read_elem, write_elem
+    return write_elem, read_elem
+
+
 def _write_elements(path: str, group: str, elements: dict) -> None:
     """Write ``elements`` into group ``group`` (``obsm``, ``obs`` ...) of an ``.h5ad`` file."""
     import h5py
-    from anndata.io import write_elem
 
+    write_elem, _ = _elem_io()
     with h5py.File(path, "a") as f:
         for key, value in elements.items():
             where = f"{group}/{key}" if group else key
@@ -292,10 +301,10 @@ def _embed(args) -> None:
 
 def _annotate(args) -> None:
     import h5py
-    from anndata.io import read_elem
 
     from .tl import annotate
 
+    _, read_elem = _elem_io()
     if args.unknown_threshold is not None and not 0 <= args.unknown_threshold <= 1:
         raise CLIError("--unknown-threshold must be a probability in [0, 1]")
     adata, model = _load(args)
