@@ -233,15 +233,13 @@ def test_list_and_info_of_registered_names(capsys):
 def test_demo_minutes_is_a_cap(tmp_path):
     import re
 
-    from cellformers._demo import EVALUATION_SHARE
-
-    minutes = 0.5
+    minutes = 1.0
     res = _run("demo", "--minutes", minutes, "--outdir", tmp_path, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "umap_scgpt_pbmc68k.png").is_file()
+    assert (tmp_path / "umap_pca_pbmc68k.png").is_file()
     assert "kNN label transfer" in res.stdout
-    trained = float(re.search(r"Pretrained \d+ epochs in ([\d.]+) s", res.stdout).group(1))
+    epochs = int(re.search(r"Pretrained (\d+) epochs", res.stdout).group(1))
     total = float(re.search(r"Finished in ([\d.]+) s", res.stdout).group(1))
-    # training stops at its share of the budget (checked after every step of ~0.1 s)
-    assert trained <= (1 - EVALUATION_SHARE) * minutes * 60 + 3
-    assert total <= minutes * 60 * 1.5  # evaluation time is estimated, not enforced
+    assert epochs >= 1
+    assert total <= minutes * 60 + 5  # everything after the imports, within the budget
