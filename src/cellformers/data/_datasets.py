@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,27 +122,75 @@ def fetch_file(name: str) -> Path:
     if name not in DATASETS:
         raise KeyError(f"Unknown dataset {name!r}; known datasets: {sorted(DATASETS)}.")
     entry = DATASETS[name]
-    folders = [f for f in (settings.data_dir, settings.cache_dir / "data") if f is not None]
-    for folder in folders:
-        path = Path(folder) / entry.fname
+    if settings.data_dir is not None:
+        path = Path(settings.data_dir) / entry.fname
         if path.is_file():
             if _sha256(path) == entry.sha256:
                 return path
             logger.warning("Ignoring %s: its sha256 does not match the registry.", path)
-    if entry.url is None:
-        raise FileNotFoundError(
-            f"Dataset {name!r} ({entry.fname}) has no public download URL. Put the file in a folder "
-            "and point the CELLFORMERS_DATA environment variable (or cellformers.settings.data_dir) at it."
-        )
+    return download(
+        entry.url,
+        entry.sha256,
+        settings.cache_dir / "data" / entry.fname,
+        missing=(
+            f"Dataset {name!r} ({entry.fname}) has no public download URL. Put the file in a "
+            "folder and point the CELLFORMERS_DATA environment variable (or "
+            "cellformers.settings.data_dir) at it."
+        ),
+    )
+
+
+def download(
+    url: str | None,
+    sha256: str,
+    path: str | os.PathLike,
+    *,
+    progressbar: bool = False,
+    missing: str | None = None,
+) -> Path:
+    """Return ``path`` once it holds the file with hash ``sha256``, downloading it if needed.
+
+    A file already at ``path`` with the right hash is used as it is (no network access).
+    Otherwise the file is downloaded from ``url`` with pooch into a temporary file that is
+    moved to ``path`` only when its sha256 matches; on a mismatch pooch raises and no partial
+    file is left behind.
+
+    Parameters
+    ----------
+    url
+        Where to download the file from; `None` when there is no public link.
+    sha256
+        The pinned sha256 (hexadecimal).
+    path
+        Where the file is kept (parent folders are created).
+    progressbar
+        Show a download progress bar.
+    missing
+        Message of the :class:`FileNotFoundError` raised when the file is absent and ``url``
+        is `None`.
+
+    Returns
+    -------
+    ``path``.
+
+    """
+    path = Path(path)
+    if path.is_file():
+        if _sha256(path) == sha256:
+            return path
+        logger.warning("%s does not have the pinned sha256; it is replaced.", path)
+    if url is None:
+        raise FileNotFoundError(missing or f"{path} is missing and has no download URL.")
     import pooch
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     return Path(
         pooch.retrieve(
-            entry.url,
-            known_hash=f"sha256:{entry.sha256}",
-            fname=entry.fname,
-            path=settings.cache_dir / "data",
-            progressbar=False,
+            url,
+            known_hash=f"sha256:{sha256}",
+            fname=path.name,
+            path=path.parent,
+            progressbar=progressbar,
         )
     )
 

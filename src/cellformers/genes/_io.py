@@ -288,7 +288,8 @@ def read_gene_list(
     """Read an ordered gene list: a sequence of names or a file.
 
     A file is either a ``gene_name``/``index`` table (:func:`read_gene_index`, e.g.
-    scFoundation's ``OS_scRNA_gene_index.19264.tsv``) or plain text with one name per line
+    scFoundation's ``OS_scRNA_gene_index.19264.tsv``), an ``.h5ad`` file whose ``var_names``
+    are the list (e.g. scBERT's ``panglao_10000.h5ad``), or plain text with one name per line
     (blank lines skipped). The order is kept: position ``i`` of a model is ``names[i]``.
 
     Parameters
@@ -317,6 +318,10 @@ def read_gene_list(
                 f"{what} file {path} does not exist (expected a text file with one gene name per "
                 "line, or a gene_name/index table, in the order of the model's positions)."
             )
+        if path.suffix.lower() == ".h5ad":
+            import anndata
+
+            return read_gene_list(anndata.read_h5ad(path, backed="r").var_names, what=what)
         with path.open(encoding="utf-8-sig") as handle:
             first = handle.readline()
         if tuple(f.strip() for f in first.split("\t")) == _GENE_INDEX_HEADER:

@@ -25,6 +25,7 @@ from ..pretrained import (
     geneformer_module_kwargs,
     load_geneformer_state_dict,
     read_geneformer_checkpoint,
+    resolve_pretrained,
     save_geneformer_checkpoint,
 )
 from ..tokenize import (
@@ -364,7 +365,7 @@ class Geneformer(FoundationModelBase):
         Parameters
         ----------
         path
-            Checkpoint folder.
+            Registered name (:func:`cellformers.pretrained.available`, e.g. ``"geneformer-v2-104m"``, downloaded once with pinned sha256), checkpoint folder, or Hugging Face repository id.
         adata
             AnnData registered with :meth:`setup_anndata`.
         token_dictionary
@@ -377,7 +378,7 @@ class Geneformer(FoundationModelBase):
             Minimum fraction of the AnnData's genes found in the token dictionary.
 
         """
-        folder = Path(path)
+        folder, _ = resolve_pretrained(path, cls)
         ckpt = read_geneformer_checkpoint(folder)
         kwargs = geneformer_module_kwargs(ckpt.config)
         vocab_size = kwargs.pop("vocab_size")

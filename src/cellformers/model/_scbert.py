@@ -19,7 +19,7 @@ from scvi.utils import setup_anndata_dsp
 
 from ..genes import GeneVocab, match_genes, read_gene_list
 from ..module import SCBERTModule
-from ..pretrained import load_scbert_state_dict, read_scbert_checkpoint
+from ..pretrained import load_scbert_state_dict, read_scbert_checkpoint, resolve_pretrained
 from ..tokenize import scbert_sequence_lengths, tokenize_scbert
 from ._base import FoundationModelBase
 
@@ -299,7 +299,7 @@ class SCBERT(FoundationModelBase):
         path: str | os.PathLike,
         adata: AnnData,
         *,
-        gene_panel: Sequence[str] | str | os.PathLike,
+        gene_panel: Sequence[str] | str | os.PathLike | None = None,
         gene2vec: np.ndarray | torch.Tensor | str | os.PathLike | None = None,
         min_coverage: float = 0.5,
         stabilizer: Literal["cell", "batch"] = "cell",
@@ -318,16 +318,18 @@ class SCBERT(FoundationModelBase):
         Parameters
         ----------
         path
-            The checkpoint file.
+            Registered name (:func:`cellformers.pretrained.available`, e.g. ``"scbert"``, downloaded once with pinned sha256), checkpoint file, or Hugging Face repository id.
         adata
             AnnData registered with :meth:`setup_anndata`.
         gene_panel
-            The checkpoint's ordered gene panel (list or text file, one name per line): for the
-            published model the 16,906 ``var_names`` of the official ``panglao_10000.h5ad``. It
-            is not shipped with the weights, and a wrong order makes the model meaningless.
+            The checkpoint's ordered gene panel (list, text file with one name per line, or an
+            ``.h5ad`` file whose ``var_names`` it is): for the published model the 16,906
+            ``var_names`` of the official ``panglao_10000.h5ad``. It is not shipped with the
+            weights, and a wrong order makes the model meaningless. Registered names bring it.
         gene2vec
             Optional gene2vec vectors (array or ``.npy``) to check against the checkpoint's
             position table: a mismatch means the panel or its order is not the checkpoint's.
+            Registered names bring it.
         min_coverage
             Smallest acceptable fraction of the panel genes found in the data.
         stabilizer
@@ -338,6 +340,14 @@ class SCBERT(FoundationModelBase):
         The model, in evaluation mode.
 
         """
+        path, files = resolve_pretrained(path, cls)
+        gene_panel = files.get("gene_panel") if gene_panel is None else gene_panel
+        gene2vec = files.get("gene2vec") if gene2vec is None else gene2vec
+        if gene_panel is None:
+            raise ValueError(
+                "Pass the checkpoint's ordered gene panel as `gene_panel=` (the 16,906 var_names "
+                "of panglao_10000.h5ad for panglao_pretrain.pth)."
+            )
         ckpt = read_scbert_checkpoint(path)
         config = ckpt.config
         panel = read_gene_list(gene_panel, what="gene_panel")

@@ -28,7 +28,11 @@ from ..genes import (
     symbol_to_ensembl,
 )
 from ..module import SCFoundationModule, gather_scfoundation_tokens
-from ..pretrained import load_scfoundation_state_dict, read_scfoundation_checkpoint
+from ..pretrained import (
+    load_scfoundation_state_dict,
+    read_scfoundation_checkpoint,
+    resolve_pretrained,
+)
 from ..tokenize import (
     panel_columns,
     scfoundation_bulk_target_sum,
@@ -560,7 +564,7 @@ class SCFoundation(FoundationModelBase):
         path: str | os.PathLike,
         adata: AnnData,
         *,
-        gene_list: Sequence[str] | str | os.PathLike,
+        gene_list: Sequence[str] | str | os.PathLike | None = None,
         version: Literal["cell", "rde", "gene"] = "cell",
         target_depth: str = "t4",
         min_coverage: float = 0.5,
@@ -577,12 +581,12 @@ class SCFoundation(FoundationModelBase):
         Parameters
         ----------
         path
-            The checkpoint file.
+            Registered name (:func:`cellformers.pretrained.available`, e.g. ``"scfoundation"``, downloaded once with pinned sha256), checkpoint file, or Hugging Face repository id.
         adata
             AnnData registered with :meth:`setup_anndata`.
         gene_list
             The checkpoint's ordered gene list (``OS_scRNA_gene_index.19264.tsv`` for the
-            published model; it is not shipped with the weights).
+            published model; it is not shipped with the weights). Registered names bring it.
         version
             Which network of ``models.ckpt`` to load.
         target_depth
@@ -597,6 +601,13 @@ class SCFoundation(FoundationModelBase):
         The model, in evaluation mode.
 
         """
+        path, files = resolve_pretrained(path, cls)
+        gene_list = files.get("gene_list") if gene_list is None else gene_list
+        if gene_list is None:
+            raise ValueError(
+                "Pass the checkpoint's ordered gene list as `gene_list=` "
+                "(OS_scRNA_gene_index.19264.tsv for the published models)."
+            )
         ckpt = read_scfoundation_checkpoint(path, version=version)
         kwargs = ckpt.module_kwargs()
         genes = read_gene_list(gene_list, what="gene_list")

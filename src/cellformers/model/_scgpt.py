@@ -19,7 +19,7 @@ from scvi.utils import setup_anndata_dsp
 
 from ..genes import GeneVocab, match_genes
 from ..module import SCGPTModule
-from ..pretrained import load_scgpt_state_dict, read_scgpt_checkpoint
+from ..pretrained import load_scgpt_state_dict, read_scgpt_checkpoint, resolve_pretrained
 from ..tokenize import scgpt_sequence_lengths, tokenize_scgpt
 from ._base import _SCVI_UUID_KEY, FoundationModelBase, _resolve_indices
 
@@ -403,7 +403,7 @@ class SCGPT(FoundationModelBase):
         Parameters
         ----------
         path
-            Checkpoint folder.
+            Registered name (:func:`cellformers.pretrained.available`, e.g. ``"scgpt-human"``, downloaded once with pinned sha256), checkpoint folder, or Hugging Face repository id.
         adata
             AnnData registered with :meth:`setup_anndata`.
         max_seq_len
@@ -416,6 +416,7 @@ class SCGPT(FoundationModelBase):
             ``batch_categories``).
 
         """
+        path, _ = resolve_pretrained(path, cls)
         ckpt = read_scgpt_checkpoint(path)
         config = {k: v for k, v in ckpt.config.items() if k != "pad_token"}  # the vocab has it
         n_batch = config.pop("n_batch", 0)
