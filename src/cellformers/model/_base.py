@@ -1639,7 +1639,7 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         The model, in evaluation mode.
 
         """
-        from scvi.data._constants import _SETUP_ARGS_KEY, _SETUP_METHOD_NAME
+        from scvi.data._constants import _MODEL_NAME_KEY, _SETUP_ARGS_KEY, _SETUP_METHOD_NAME
         from scvi.model._utils import parse_device_args
         from scvi.model.base._save_load import _initialize_model, _validate_var_names
 
@@ -1653,6 +1653,9 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         names = _saved_file_names(prefix)
         var_names, attr_dict = cls._read_saved_meta(folder, names)
         meta_file, weights_file = folder / names["meta"], folder / names["weights"]
+        model_name = attr_dict["registry_"].get(_MODEL_NAME_KEY, cls.__name__)
+        if model_name != cls.__name__:
+            raise ValueError(f"{meta_file} holds a {model_name} model, not a {cls.__name__}.")
         registry = attr_dict.pop("registry_")
         state = read_safetensors(weights_file)
         if adata is None:
@@ -1682,8 +1685,6 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
     @classmethod
     def _read_saved_meta(cls, folder: Path, names: dict[str, str]) -> tuple:
         """Gene names and attributes saved in ``model.json`` (refusing pickled saves)."""
-        from scvi.data._constants import _MODEL_NAME_KEY
-
         recover_folder(folder)
         meta_file = folder / names["meta"]
         if not meta_file.is_file() and (folder / names["legacy"]).is_file():
@@ -1697,9 +1698,6 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         meta = _check_saved_meta(read_json(meta_file, what="saved model file"), meta_file, cls)
         var_names = decode_json_value(meta["var_names"], where=f"{meta_file}: var_names")
         attr_dict = decode_json_value(meta["attr_dict"], where=f"{meta_file}: attr_dict")
-        model_name = attr_dict["registry_"].get(_MODEL_NAME_KEY, cls.__name__)
-        if model_name != cls.__name__:
-            raise ValueError(f"{meta_file} holds a {model_name} model, not a {cls.__name__}.")
         return var_names, attr_dict
 
     @classmethod
