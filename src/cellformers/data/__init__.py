@@ -10,14 +10,22 @@ from ._datasets import (
     papalexi_eccite_lowmoi,
     pbmc68k_reduced_counts,
 )
-from ._validation import check_expression, check_setup_keys, check_unique
+from ._validation import (
+    check_expression,
+    check_obs_labels,
+    check_setup_keys,
+    check_shape,
+    check_unique,
+)
 
 __all__ = [
     "DATASETS",
     "TokenizingCollator",
     "cellbench_2platform",
     "check_expression",
+    "check_obs_labels",
     "check_setup_keys",
+    "check_shape",
     "check_unique",
     "fetch_file",
     "geneformer_v1_dictionaries",

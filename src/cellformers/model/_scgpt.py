@@ -486,6 +486,9 @@ class SCGPT(FoundationModelBase):
         index = {c: i for i, c in enumerate(self.batch_categories)}
         return np.array([index.get(c, -1) for c in names], dtype=np.int64), names
 
+    def _reads_batches(self) -> bool:
+        return self.batch_categories is not None
+
     def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True) -> AnnData:
         """Validate ``adata``; a query with batch categories the registry lacks is set up anew.
 
