@@ -175,9 +175,7 @@ def test_perturbation_setup_names_the_class_that_has_it(cells, name):
     adata = cells.copy()
     adata.obs["perturbation"] = "non-targeting"
     with pytest.raises(TypeError, match="feature of SCFoundation"):
-        _setup(
-            TINY[name][0], adata, perturbation_key="perturbation", control_label="non-targeting"
-        )
+        _setup(TINY[name][0], adata, perturbation_key="perturbation", control_label="non-targeting")
 
 
 # ---------------------------------------------------------------- Geneformer specifics

@@ -106,7 +106,7 @@ def _sha256(path: Path) -> str:
 
 
 def _local_copy(entry: DatasetEntry) -> tuple[Path | None, list[Path]]:
-    """The first local copy of ``entry`` with the pinned sha256, and the copies without it."""
+    """Return the first local copy of ``entry`` with the pinned sha256 and the copies without it."""
     folders = [f for f in (settings.data_dir, settings.cache_dir / "data") if f is not None]
     corrupt = []
     for folder in folders:

@@ -197,9 +197,9 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             logger.info("Setting up query AnnData with the model's setup arguments.")
             getattr(type(self), self.registry_["setup_method_name"])(adata, **setup_args)
             manager = self._get_most_recent_anndata_manager(adata, required=True)
-        else:
-            self._check_query_expression(adata)
         self._register_manager_for_instance(manager)
+        if own is not None:  # set up by the user, possibly before the data changed
+            self._check_query_expression(adata)
         return adata
 
     def _check_query_expression(self, adata: AnnData) -> None:

@@ -169,8 +169,10 @@ class Geneformer(FoundationModelBase):
     >>> import cellformers as cf
     >>> adata = cf.data.cellbench_2platform()
     >>> cf.model.Geneformer.setup_anndata(adata, gene_key="ensembl_id", labels_key="cell_line")
-    >>> model = cf.model.Geneformer(adata, hidden_size=64, num_hidden_layers=2, intermediate_size=128)
-    >>> model.train(max_epochs=2)  # masked-gene pretraining
+    >>> model = cf.model.Geneformer(
+    ...     adata, hidden_size=64, num_hidden_layers=2, intermediate_size=128, max_input_size=256
+    ... )
+    >>> model.train(max_epochs=1)  # masked-gene pretraining
     >>> model.train(mode="finetune", max_epochs=2)  # cell-line classification
     >>> adata.obs["prediction"] = model.predict_celltype()
 

@@ -173,8 +173,8 @@ class SCGPT(FoundationModelBase):
     >>> import cellformers as cf
     >>> adata = cf.data.pbmc68k_reduced_counts()
     >>> cf.model.SCGPT.setup_anndata(adata, layer="counts", labels_key="bulk_labels")
-    >>> model = cf.model.SCGPT(adata, d_model=64, nhead=4, d_hid=64, nlayers=2)
-    >>> model.train(max_epochs=5)
+    >>> model = cf.model.SCGPT(adata, d_model=64, nhead=4, d_hid=64, nlayers=2, max_seq_len=256)
+    >>> model.train(max_epochs=2)
     >>> adata.obsm["X_scgpt"] = model.get_latent_representation()
 
     Batch integration as in scGPT's integration recipe (on pretrained weights, the batch parts
