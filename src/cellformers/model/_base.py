@@ -141,6 +141,17 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             raise ValueError(f"adata.obs[{obs_key!r}] must hold {kind} finite total counts.")
         return NumericalObsField(registry_key, obs_key)
 
+    def save(self, dir_path: str, *args, save_anndata: bool = False, **kwargs) -> None:
+        """Save the model as :meth:`scvi.model.base.BaseModelClass.save` does.
+
+        With ``save_anndata=True`` the AnnData is written as it is: anndata would otherwise turn
+        its string ``obs``/``var`` columns into categoricals in place, changing the user's
+        object. Pass ``convert_strings_to_categoricals=True`` to write them as categoricals.
+        """
+        if save_anndata:
+            kwargs.setdefault("convert_strings_to_categoricals", False)
+        super().save(dir_path, *args, save_anndata=save_anndata, **kwargs)
+
     # ------------------------------------------------------------------ genes
     def _gene_names(self, adata: AnnData) -> pd.Index:
         """Gene names of ``adata`` as registered (``var[gene_key]`` or ``var_names``)."""
