@@ -14,33 +14,10 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import scvi
+from tiny_models import CLASSES, FIT, TINY, cellbench_cells, class_id, setup
 
 import cellformers as cf
-from cellformers.model import SCBERT, SCGPT, Geneformer, SCFoundation
 
-TINY = {
-    SCGPT: {"d_model": 16, "nhead": 2, "d_hid": 16, "nlayers": 1, "max_seq_len": 64},
-    SCBERT: {"dim": 16, "depth": 1, "heads": 2, "dim_head": 8},
-    SCFoundation: {
-        "encoder_dim": 16,
-        "encoder_depth": 1,
-        "encoder_heads": 2,
-        "encoder_d_hid": 32,
-        "decoder_dim": 16,
-        "decoder_depth": 1,
-        "decoder_heads": 2,
-        "decoder_dim_head": 8,
-        "decoder_nb_features": 8,
-    },
-    Geneformer: {
-        "hidden_size": 16,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "intermediate_size": 32,
-        "max_input_size": 64,
-    },
-}
-FIT = {"max_epochs": 1, "batch_size": 20, "enable_progress_bar": False}
 REGISTRY = "_scvi_"
 
 
@@ -120,12 +97,8 @@ def _call(adata, fn, **allowed):
 @pytest.fixture(scope="module")
 def cells():
     """40 CellBench cells and their 200 most detected genes, with a string obs column."""
-    adata = cf.data.cellbench_2platform()
+    adata = cellbench_cells(seed=1)
     rng = np.random.default_rng(1)
-    adata = adata[np.sort(rng.choice(adata.n_obs, 40, replace=False))]
-    detected = np.asarray((adata.X > 0).mean(0)).ravel()
-    adata = adata[:, np.argsort(-detected, kind="stable")[:200]].copy()
-    adata.obs["cell_line"] = adata.obs["cell_line"].cat.remove_unused_categories()
     adata.obs["note"] = ["a", "b"] * (adata.n_obs // 2)  # strings anndata would categorise
     adata.layers["counts"] = adata.X.copy()
     adata.obsm["X_other"] = rng.normal(size=(adata.n_obs, 3)).astype(np.float32)
@@ -133,15 +106,12 @@ def cells():
     return adata
 
 
-@pytest.mark.parametrize("cls", list(TINY), ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", CLASSES, ids=class_id)
 def test_model_calls_leave_the_data_alone(cells, cls, tmp_path):
-    gene_key = {"gene_key": "ensembl_id"} if cls is Geneformer else {}
     adata = cells.copy()
     _call(
         adata,
-        lambda: cls.setup_anndata(
-            adata, layer="counts", labels_key="cell_line", batch_key="batch", **gene_key
-        ),
+        lambda: setup(cls, adata, layer="counts", labels_key="cell_line", batch_key="batch"),
         registry=True,
     )
     scvi.settings.seed = 0

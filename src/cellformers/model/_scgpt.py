@@ -436,6 +436,7 @@ class SCGPT(FoundationModelBase):
             k for k in (*_BATCH_OPTIONS, "explicit_zero_prob") if config[k] and not ckpt.config[k]
         ]
         load_scgpt_state_dict(model.module, ckpt.state_dict, init_batch_modules=bool(fresh_parts))
+        model.finetuned_ = any(k.startswith("cls_decoder.") for k in ckpt.state_dict)
         model.module.eval()
         model.is_trained_ = True
         model.checkpoint_ = {"format": "scgpt", "path": os.fspath(path)}
