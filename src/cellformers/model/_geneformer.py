@@ -167,10 +167,10 @@ class Geneformer(FoundationModelBase):
     Examples
     --------
     >>> import cellformers as cf
-    >>> adata = cf.data.cellbench_2platform()
+    >>> adata = cf.data.cellbench_2platform()[::4].copy()  # 113 cells for a quick run
     >>> cf.model.Geneformer.setup_anndata(adata, gene_key="ensembl_id", labels_key="cell_line")
     >>> model = cf.model.Geneformer(
-    ...     adata, hidden_size=64, num_hidden_layers=2, intermediate_size=128, max_input_size=256
+    ...     adata, hidden_size=32, num_hidden_layers=2, intermediate_size=64, max_input_size=128
     ... )
     >>> model.train(max_epochs=1)  # masked-gene pretraining
     >>> model.train(mode="finetune", max_epochs=2)  # cell-line classification

@@ -266,14 +266,14 @@ class SCFoundation(FoundationModelBase):
     from scratch on a CRISPR screen:
 
     >>> import cellformers as cf
-    >>> adata = cf.data.papalexi_eccite_lowmoi()[::20].copy()  # 810 of its 16,192 cells
+    >>> adata = cf.data.papalexi_eccite_lowmoi()[::30].copy()  # 540 cells for a quick run
     >>> cf.model.SCFoundation.setup_anndata(
     ...     adata, perturbation_key="perturbation", control_label="non-targeting"
     ... )
     >>> model = cf.model.SCFoundation(
-    ...     adata, encoder_dim=64, encoder_depth=2, encoder_heads=4, decoder_dim=32, decoder_depth=2
+    ...     adata, encoder_dim=32, encoder_depth=2, encoder_heads=4, decoder_dim=32, decoder_depth=1
     ... )
-    >>> model.train(mode="perturbation", train_perturbations=["STAT1", "JAK2"], max_epochs=3)
+    >>> model.train(mode="perturbation", train_perturbations=["STAT1", "JAK2"], max_epochs=2)
     >>> predicted = model.predict_perturbation(["IRF1", "STAT1+JAK2"])  # perturbations x genes
 
     """

@@ -171,9 +171,9 @@ class SCGPT(FoundationModelBase):
     Examples
     --------
     >>> import cellformers as cf
-    >>> adata = cf.data.pbmc68k_reduced_counts()
+    >>> adata = cf.data.pbmc68k_reduced_counts()[::4].copy()  # 175 cells for a quick run
     >>> cf.model.SCGPT.setup_anndata(adata, layer="counts", labels_key="bulk_labels")
-    >>> model = cf.model.SCGPT(adata, d_model=64, nhead=4, d_hid=64, nlayers=2, max_seq_len=256)
+    >>> model = cf.model.SCGPT(adata, d_model=32, nhead=4, d_hid=32, nlayers=2, max_seq_len=128)
     >>> model.train(max_epochs=2)
     >>> adata.obsm["X_scgpt"] = model.get_latent_representation()
 
