@@ -59,3 +59,15 @@ def pbmc_counts():
     from cellformers.data import pbmc68k_reduced_counts
 
     return pbmc68k_reduced_counts()
+
+
+@pytest.fixture(scope="module")
+def merfish_cells():
+    """40 MERFISH cells of the mouse motor cortex (253-gene panel, mouse symbols, obsm["spatial"])."""
+    import anndata as ad
+
+    from cellformers.data import fetch_file, is_available
+
+    if not is_available("merfish_motor_cortex"):
+        pytest.skip("merfish_motor_cortex.h5ad not found: set CELLFORMERS_DATA")
+    return ad.read_h5ad(fetch_file("merfish_motor_cortex"))[:40].copy()

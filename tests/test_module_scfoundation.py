@@ -195,9 +195,10 @@ def test_padded_batch_equals_single_cells(sd, full):
             one = _one(tokens, i)
             single = module.encode(*one)
             torch.testing.assert_close(single[0], hidden[i, : int(lengths[i])], atol=1e-6, rtol=0)
-            # the same cell padded alone to the batch length: bit-identical to its batch row
+            # the same cell padded alone to the batch length equals its batch row; BLAS may
+            # round a row differently by where it falls in a matrix tile, so not always bitwise
             alone = module.encode(values[i : i + 1], positions[i : i + 1], lengths[i : i + 1])
-            assert torch.equal(alone[0], hidden[i])
+            torch.testing.assert_close(alone[0], hidden[i], atol=1e-6, rtol=0)
             for p, out in batch.items():
                 torch.testing.assert_close(
                     module.pool(single, one[2], p)[0], out[i], atol=1e-6, rtol=0

@@ -293,7 +293,7 @@ def test_missing_files_and_bad_config(tmp_path, mlm_folder):
     (empty / "model.safetensors").write_text(
         "version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 1\n"
     )
-    with pytest.raises(RuntimeError, match="LFS pointer"):
+    with pytest.raises(ValueError, match="LFS pointer"):
         read_geneformer_checkpoint(empty)
     (empty / "config.json").write_text(json.dumps({**TINY["V2"], "model_type": "roberta"}))
     with pytest.raises(ValueError, match="model_type='roberta'"):

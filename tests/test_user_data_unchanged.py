@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import scvi
-from tiny_models import CLASSES, FIT, TINY, cellbench_cells, class_id, setup
+from tiny_models import CLASSES, FIT, cellbench_cells, class_id, setup, tiny_kwargs
 
 import cellformers as cf
 
@@ -115,7 +115,7 @@ def test_model_calls_leave_the_data_alone(cells, cls, tmp_path):
         registry=True,
     )
     scvi.settings.seed = 0
-    model = _call(adata, lambda: cls(adata, **TINY[cls]))
+    model = _call(adata, lambda: cls(adata, **tiny_kwargs(cls)))
     _call(adata, lambda: model.train(mode="finetune", **FIT))
     _call(adata, lambda: model.get_latent_representation())
     _call(adata, lambda: model.predict_celltype())

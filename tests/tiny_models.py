@@ -1,4 +1,4 @@
-"""Tiny networks of the four model classes, for tests that run every class on real cells."""
+"""Tiny settings of the four model classes for fast tests built from scratch."""
 
 from __future__ import annotations
 
@@ -9,7 +9,15 @@ import cellformers as cf
 from cellformers.model import SCBERT, SCGPT, Geneformer, SCFoundation
 
 TINY = {
-    SCGPT: {"d_model": 16, "nhead": 2, "d_hid": 16, "nlayers": 1, "max_seq_len": 64},
+    SCGPT: {"d_model": 16, "nhead": 2, "d_hid": 16, "nlayers": 1, "dropout": 0.0},
+    Geneformer: {
+        "hidden_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 32,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+    },
     SCBERT: {"dim": 16, "depth": 1, "heads": 2, "dim_head": 8},
     SCFoundation: {
         "encoder_dim": 16,
@@ -22,20 +30,20 @@ TINY = {
         "decoder_dim_head": 8,
         "decoder_nb_features": 8,
     },
-    Geneformer: {
-        "hidden_size": 16,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "intermediate_size": 32,
-        "max_input_size": 64,
-    },
 }
+# shorter sequences keep the tests that run every class on real cells fast
+SHORT = {SCGPT: {"max_seq_len": 64}, Geneformer: {"max_input_size": 64}}
 CLASSES = list(TINY)
 FIT = {"max_epochs": 1, "batch_size": 20, "enable_progress_bar": False}
 
 
 def class_id(cls) -> str:
     return cls.__name__
+
+
+def tiny_kwargs(cls) -> dict:
+    """Constructor arguments of a tiny, fast ``cls`` model."""
+    return {**TINY[cls], **SHORT.get(cls, {})}
 
 
 def setup(cls, adata, **kwargs):
@@ -50,7 +58,7 @@ def build(cls, adata, **setup_kwargs):
     """Register ``adata`` and build a tiny ``cls`` model on it (seeded)."""
     setup(cls, adata, **setup_kwargs)
     scvi.settings.seed = 0
-    return cls(adata, **TINY[cls])
+    return cls(adata, **tiny_kwargs(cls))
 
 
 def cellbench_cells(*, n_cells: int = 40, n_genes: int = 200, seed: int = 0):

@@ -10,6 +10,13 @@ from ._datasets import (
     papalexi_eccite_lowmoi,
     pbmc68k_reduced_counts,
 )
+from ._sampling import (
+    ResumableDataSplitter,
+    SeededBatches,
+    SeededBatchSampler,
+    derive_seed,
+    seed_random_states,
+)
 from ._validation import (
     check_expression,
     check_obs_labels,
@@ -20,6 +27,9 @@ from ._validation import (
 
 __all__ = [
     "DATASETS",
+    "ResumableDataSplitter",
+    "SeededBatchSampler",
+    "SeededBatches",
     "TokenizingCollator",
     "cellbench_2platform",
     "check_expression",
@@ -27,11 +37,13 @@ __all__ = [
     "check_setup_keys",
     "check_shape",
     "check_unique",
+    "derive_seed",
     "fetch_file",
     "geneformer_v1_dictionaries",
     "is_available",
     "length_bucketed_batches",
     "papalexi_eccite_lowmoi",
     "pbmc68k_reduced_counts",
+    "seed_random_states",
     "to_csr",
 ]

@@ -1,7 +1,8 @@
-"""Gene vocabularies and gene-name matching (symbols and Ensembl IDs)."""
+"""Gene vocabularies and gene-name matching (symbols, Ensembl IDs, human orthologs)."""
 
-from ._io import read_gene_dict, read_gene_index, read_gene_list
+from ._io import check_gene_dict, read_gene_dict, read_gene_index, read_gene_list
 from ._match import GeneMatch, match_genes
+from ._orthologs import guess_species, map_orthologs
 from ._table import ensembl_to_symbol, gene_table, strip_ensembl_version, symbol_to_ensembl
 from ._vocab import SCGPT_SPECIALS, GeneVocab
 
@@ -9,8 +10,11 @@ __all__ = [
     "SCGPT_SPECIALS",
     "GeneMatch",
     "GeneVocab",
+    "check_gene_dict",
     "ensembl_to_symbol",
     "gene_table",
+    "guess_species",
+    "map_orthologs",
     "match_genes",
     "read_gene_dict",
     "read_gene_index",

@@ -155,6 +155,52 @@ def read_gene_dict(path: str | os.PathLike) -> dict:
     return {k: _plain(v, k, path) for k, v in obj.items()}
 
 
+def check_gene_dict(
+    mapping: dict, *, values: str, source: str | os.PathLike = "dictionary"
+) -> dict:
+    """Check the values of a gene dictionary and return it with plain Python values.
+
+    Parameters
+    ----------
+    mapping
+        ``{gene or token: value}``.
+    values
+        ``"token ids"`` (non-negative integers, each used once) or ``"medians"`` (finite
+        positive numbers).
+    source
+        Where the dictionary comes from (file or argument name), for messages.
+
+    Returns
+    -------
+    ``{str: int}`` or ``{str: float}``.
+
+    """
+    if values not in ("token ids", "medians"):
+        raise ValueError(f"values must be 'token ids' or 'medians', got {values!r}.")
+    out = {}
+    for key, value in mapping.items():
+        if values == "token ids":
+            ok = isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+            ok = ok and value >= 0
+            kind = "a non-negative integer"
+        else:
+            ok = isinstance(value, int | float | np.integer | np.floating) and not isinstance(
+                value, bool | np.bool_
+            )
+            ok = ok and np.isfinite(value) and value > 0
+            kind = "a finite positive number"
+        if not ok:
+            raise ValueError(
+                f"{source}: the {values[:-1]} of {key!r} must be {kind}, got {value!r}."
+            )
+        out[str(key)] = int(value) if values == "token ids" else float(value)
+    if values == "token ids":
+        repeated = [i for i, n in Counter(out.values()).items() if n > 1]
+        if repeated:
+            raise ValueError(f"{source}: token ids {repeated[:5]} are given to several tokens.")
+    return out
+
+
 _GENE_INDEX_HEADER = ("gene_name", "index")
 
 

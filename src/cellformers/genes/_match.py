@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from ._orthologs import guess_species, map_orthologs
 from ._table import ENSEMBL_PATTERN, ensembl_to_symbol, strip_ensembl_version, symbol_to_ensembl
 from ._vocab import GeneVocab
 
@@ -46,6 +48,11 @@ class GeneMatch:
         through the shipped GENCODE table.
     vocab_id_type
         What the vocabulary's tokens are: ``"symbol"`` or ``"ensembl"``.
+    species
+        The species the genes were mapped from to their human orthologs (``"human"``: no
+        mapping; ``"ortholog table"`` for a user's table).
+    n_orthologs
+        Number of input genes with a human 1:1 ortholog (with ``species`` other than human).
 
     """
 
@@ -57,6 +64,8 @@ class GeneMatch:
     duplicated: list[str] = field(default_factory=list)
     n_converted: int = 0
     vocab_id_type: str = "symbol"
+    species: str = "human"
+    n_orthologs: int = 0
 
     @property
     def matched(self) -> np.ndarray:
@@ -69,6 +78,10 @@ class GeneMatch:
             f"Matched {self.n_matched:,} of {self.n_genes:,} genes ({self.fraction:.1%}) to a "
             f"vocabulary of gene {'Ensembl IDs' if self.vocab_id_type == 'ensembl' else 'symbols'}"
         )
+        if self.species != "human":
+            line += (
+                f" after mapping {self.n_orthologs:,} {self.species} genes to human 1:1 orthologs"
+            )
         if self.n_converted:
             line += f" ({self.n_converted:,} through the GENCODE v44 symbol/Ensembl table)"
         line += f"; {len(self.unmatched):,} unmatched"
@@ -102,6 +115,23 @@ def _gene_token_index(vocab: GeneVocab) -> tuple[pd.Index, np.ndarray, str]:
     return pd.Index(keys[first], dtype=object), ids[first], vocab_type
 
 
+def _species_hint(names: np.ndarray, species: str) -> str:
+    """Return a sentence on mapping orthologs when ``names`` look like another species' genes."""
+    guess = guess_species(names)
+    if species != "human" or guess in (None, "human"):
+        return ""
+    example = "`species='mouse'`" if guess == "mouse" else "`species=<ortholog table>`"
+    return (
+        f"The genes look like {guess} genes (species: {guess}), while the vocabulary holds "
+        "human genes: "
+        f"map them to their human 1:1 orthologs with {example} (e.g. "
+        "`adata.var['human_symbol'] = cf.genes.map_orthologs(adata.var_names, species='mouse')`"
+        " and `gene_key='human_symbol'`; mouse needs `pip install 'cellformers[species]'`; "
+        "for other species pass a table of orthologs), or build the model from scratch on "
+        "the data's own genes. "
+    )
+
+
 def match_genes(
     genes: Sequence[str] | pd.Index | np.ndarray,
     vocab: GeneVocab,
@@ -109,6 +139,7 @@ def match_genes(
     min_coverage: float = 0.5,
     id_type: Literal["auto", "symbol", "ensembl"] = "auto",
     keep_duplicates: bool = False,
+    species: str | pd.DataFrame | os.PathLike = "human",
 ) -> GeneMatch:
     """Map gene names to vocabulary ids, converting between symbols and Ensembl IDs if needed.
 
@@ -135,6 +166,11 @@ def match_genes(
         Let every gene that maps to an already-taken token keep that token id, so several
         columns share it (they are still listed in ``duplicated``). Geneformer's tokenizer
         sums the counts of such columns, as the official code collapses duplicate Ensembl IDs.
+    species
+        ``"human"`` matches the names as they are. ``"mouse"``, or an ortholog table (a
+        DataFrame or CSV/TSV path: the data's gene names, then their human orthologs), first
+        maps every gene to its human 1:1 ortholog (:func:`~cellformers.genes.map_orthologs`);
+        genes without one are unmatched. The report counts the mapped genes.
 
     Returns
     -------
@@ -151,9 +187,15 @@ def match_genes(
     n_genes = len(raw)
     if n_genes == 0:
         raise ValueError("No genes given: the data has no columns to match to the vocabulary.")
+    display = raw.astype(str).to_numpy(dtype=object)
+    species_name, n_orthologs = "human", 0
+    if not (isinstance(species, str) and species.lower() == "human"):
+        raw = pd.Series(map_orthologs(raw.to_numpy(), species=species), dtype=object)
+        species_name = species.lower() if isinstance(species, str) else "ortholog table"
+        species_name = "ortholog table" if species_name not in ("mouse",) else species_name
+        n_orthologs = int(raw.notna().sum())
     is_str = raw.map(type).eq(str).to_numpy()
     names = raw.where(is_str, "").astype(str)
-    display = raw.astype(str).to_numpy(dtype=object)
 
     if id_type == "auto":
         is_ens = _is_ensembl(names)
@@ -218,6 +260,8 @@ def match_genes(
         duplicated=duplicated,
         n_converted=n_converted,
         vocab_id_type=vocab_type,
+        species=species_name,
+        n_orthologs=n_orthologs,
     )
     if result.fraction < min_coverage:
         n_ens = int(is_ens.sum())
@@ -232,7 +276,8 @@ def match_genes(
             f"Only {n_matched:,} of {n_genes:,} genes ({result.fraction:.1%}) match the "
             f"vocabulary, below min_coverage={min_coverage:g}. The vocabulary holds gene "
             f"{'Ensembl IDs' if vocab_type == 'ensembl' else 'symbols'}; your names look like "
-            f"{kind}. First unmatched: {', '.join(unmatched[:10])}. Pass `gene_key=` naming a "
+            f"{kind}. First unmatched: {', '.join(unmatched[:10])}. "
+            f"{_species_hint(display, species_name)}Pass `gene_key=` naming a "
             "`var` column that holds gene symbols or Ensembl IDs (human symbols and IDs are "
             "converted automatically), or lower `min_coverage` to accept the low coverage."
         )

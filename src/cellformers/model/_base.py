@@ -2,21 +2,53 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+import json
 import logging
+import math
+import numbers
+import os
+import shutil
+import textwrap
+import warnings
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
 from uuid import uuid4
 
+import anndata
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from anndata import AnnData
+from mudata import MuData
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
-from scvi.data.fields import CategoricalObsField, LayerField, NumericalObsField
+from scvi.data.fields import (
+    CategoricalObsField,
+    LayerField,
+    MuDataCategoricalObsField,
+    MuDataLayerField,
+    MuDataObsmField,
+    NumericalObsField,
+    ObsmField,
+)
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
+from .._io import (
+    atomic_write,
+    check_format,
+    check_weights,
+    decode_json_value,
+    encode_json_value,
+    read_json,
+    read_safetensors,
+    recover_folder,
+)
 from ..data import (
+    ResumableDataSplitter,
     TokenizingCollator,
     check_expression,
     check_obs_labels,
@@ -28,7 +60,7 @@ from ..data import (
 )
 from ..module import BatchAdversarialModule
 from ..tokenize import COUNT_PERTURB_MODES, perturb_counts
-from ..train import PretrainingPlan
+from ..train import LAST_CHECKPOINT, PretrainingPlan
 from ._lora import LoRAMixin
 
 logger = logging.getLogger(__name__)
@@ -38,6 +70,100 @@ MODES: tuple[str, ...] = ("pretrain", "finetune")
 _SCVI_UUID_KEY = "_scvi_uuid"  # where scvi-tools keeps an AnnData's registration id (adata.uns)
 # keyword arguments of setup_anndata passed on to scvi-tools' transfer of a registration
 _TRANSFER_ARGS = frozenset({"source_registry", "extend_categories", "allow_missing_labels"})
+SPATIAL_KEY = "spatial"  # registry key of the cells' spatial coordinates
+#: setup_mudata arguments that may name a modality, and the RNA modality's default name.
+_MODALITY_ARGS = (
+    "rna_layer",
+    "protein_layer",
+    "atac_layer",
+    "batch_key",
+    "labels_key",
+    "spatial_key",
+)
+_DEFAULT_RNA_MODALITY = "rna"
+
+
+def _check_genes_and_expression(
+    adata: AnnData, layer: str | None, gene_key: str | None, is_count_data: bool, *, name: str
+) -> None:
+    """Check the gene names and the expression matrix of ``adata`` (named ``name`` in errors)."""
+    check_unique(adata.var_names, what=f"{name}.var_names")
+    if gene_key is not None and adata.var[gene_key].isna().all():
+        raise ValueError(f"{name}.var[{gene_key!r}] holds no gene names.")
+    X = adata.X if layer is None else adata.layers[layer]
+    if X is None:
+        raise ValueError(f"{name}.X is empty; pass the layer that holds the counts.")
+    where = f"{name}.X" if layer is None else f"{name}.layers[{layer!r}]"
+    check_expression(X, name=where, require_integer=is_count_data)
+
+
+def _check_spatial(adata: AnnData | MuData, key: str, *, name: str) -> None:
+    """Check that ``adata.obsm[key]`` holds finite 2-D or 3-D coordinates, one row per cell."""
+    if key not in adata.obsm:
+        raise KeyError(
+            f"spatial_key {key!r} not found in {name}.obsm (available: {list(adata.obsm)}). "
+            "Store each cell's coordinates there, e.g. `adata.obsm['spatial'] = "
+            "adata.obs[['x', 'y']].to_numpy()`."
+        )
+    coords = adata.obsm[key]
+    coords = coords.to_numpy() if isinstance(coords, pd.DataFrame) else np.asarray(coords)
+    if coords.ndim != 2 or coords.shape[0] != adata.n_obs or coords.shape[1] not in (2, 3):
+        raise ValueError(
+            f"{name}.obsm[{key!r}] must be an array of shape (n_cells, 2) or (n_cells, 3) "
+            f"(n_cells = {adata.n_obs}), got shape {coords.shape}."
+        )
+    if not np.issubdtype(coords.dtype, np.number) or np.issubdtype(coords.dtype, np.bool_):
+        raise ValueError(f"{name}.obsm[{key!r}] must hold numbers, got dtype {coords.dtype}.")
+    bad = ~np.isfinite(coords).all(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"{name}.obsm[{key!r}] has NaN or infinite coordinates in {int(bad.sum())} cells "
+            f"(e.g. {list(adata.obs_names[bad][:5])}); drop those cells or fill them in."
+        )
+
+
+def _modality(mdata: MuData, mod: str | None) -> tuple[AnnData | MuData, str]:
+    """Return modality ``mod`` of ``mdata`` (``mdata`` itself for `None`) and its error name."""
+    return (mdata, "mdata") if mod is None else (mdata.mod[mod], f"mdata.mod[{mod!r}]")
+
+
+def _resolve_modalities(mdata: MuData, modalities: Mapping[str, str] | None) -> dict[str, str]:
+    """Check ``setup_mudata``'s ``modalities`` against ``mdata``; return argument -> modality.
+
+    Every named modality must exist and hold exactly ``mdata.obs_names``, in that order: the
+    registered fields are read per modality and combined by row position.
+    """
+    mods = dict(modalities or {})
+    unknown = sorted(set(mods) - set(_MODALITY_ARGS))
+    if unknown:
+        raise ValueError(
+            f"modalities names unknown setup arguments {unknown}; use {list(_MODALITY_ARGS)}."
+        )
+    if mods.get("rna_layer") is None:
+        mods["rna_layer"] = _DEFAULT_RNA_MODALITY
+    for arg, mod in mods.items():
+        if mod is None:
+            continue
+        if mod not in mdata.mod:
+            raise KeyError(
+                f"Modality {mod!r} (for {arg}) not found in the MuData; its modalities are "
+                f"{list(mdata.mod)}. Pass `modalities={{{arg!r}: <modality name>}}`."
+            )
+        names = mdata.mod[mod].obs_names
+        if not names.equals(mdata.obs_names):
+            missing = mdata.obs_names.difference(names)
+            detail = (
+                f"{len(missing)} of the MuData's {mdata.n_obs} cells are missing from it "
+                f"(e.g. {list(missing[:3])})"
+                if len(missing) or len(names) != mdata.n_obs
+                else "its cells are in another order"
+            )
+            raise ValueError(
+                f"Cells of modality {mod!r} are not aligned with mdata.obs_names: {detail}. "
+                "Keep the cells measured in every modality, in one order, e.g. with "
+                "`muon.pp.intersect_obs(mdata)`, then `mdata.update()`."
+            )
+    return mods
 
 
 def _resolve_indices(indices: Sequence[int] | np.ndarray | None, n_obs: int) -> np.ndarray:
@@ -58,6 +184,126 @@ def _resolve_indices(indices: Sequence[int] | np.ndarray | None, n_obs: int) -> 
     return indices % n_obs
 
 
+def _check_int(name: str, value, *, minimum: int = 1) -> int:
+    """``value`` as an int, or a TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def _check_real(
+    name: str, value, *, low: float, high: float = math.inf, open_low=False, open_high=True
+) -> float:
+    """``value`` as a float in the interval from ``low`` to ``high``, or an error naming it."""
+    interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number in {interval}, got {value!r}.")
+    value = float(value)
+    above = value > low if open_low else value >= low
+    below = value < high if open_high else value <= high
+    if not (math.isfinite(value) and above and below):
+        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}.")
+    return value
+
+
+def _check_mapping(name: str, value) -> dict:
+    """``value`` (a mapping or `None`) as a new dict, or a TypeError naming ``name``."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a dict of keyword arguments, got {type(value).__name__}.")
+    return dict(value)
+
+
+_TRAIN_DOC = """{summary}
+
+{notes}
+
+Training runs through Lightning (scvi-tools' ``TrainRunner``), so ``accelerator``,
+``devices``, ``strategy`` (e.g. ``"ddp"``), ``precision`` and the other Lightning
+``Trainer`` options work as in any scvi-tools model. Every argument is checked before any
+work starts.
+
+The run is reproducible: under the same ``scvi.settings.seed`` it gives the same weights,
+whatever ``checkpoint_dir`` and the number of data-loader workers. With ``checkpoint_dir`` it also writes ``last.ckpt`` in that
+folder every ``checkpoint_every_n_steps`` optimiser steps (weights, optimiser and
+learning-rate schedule, loop position, training order and seeds). After a crash or a kill,
+build the model as before (same data, same ``scvi.settings.seed``) and call ``train`` again
+with the same arguments and ``ckpt_path="last"``: training continues from that checkpoint
+and ends with the same weights as a run that never stopped. The checkpoint loads with
+``torch.load(..., weights_only=True)`` (it holds no pickled code). The training history of
+a resumed run starts at the checkpoint.
+
+Parameters
+----------
+max_epochs
+    Passes through the training cells; scvi-tools' heuristic when `None`.
+mode
+    {modes}.
+accelerator
+    Lightning accelerator (``"cpu"``, ``"gpu"``, ``"auto"`` …).
+devices
+    Lightning devices (a number, a list of device indices or ``"auto"``).
+train_size
+    Fraction of the cells used for training, in (0, 1]; 0.9 when `None`.
+validation_size
+    Fraction of the cells used for validation, in [0, 1); ``1 - train_size`` when `None`.
+    With ``train_size`` it must sum to at most 1; the rest is a test set.
+shuffle_set_split
+    Split the cells at random (under ``scvi.settings.seed``) rather than in order.
+batch_size
+    Cells per minibatch; the class's default below when `None`.
+early_stopping
+    Stop when the monitored validation metric stops improving (fine-tuning monitors the
+    validation macro-F1, ``macro_f1_validation``; other options such as
+    ``early_stopping_patience`` go to ``trainer_kwargs``).
+lr
+    Peak learning rate of AdamW; the class's default below when `None`.
+weight_decay
+    AdamW weight decay; the class's default below when `None`.
+warmup_ratio
+    Fraction of the optimiser steps used for linear warm-up, in [0, 1); the class's default
+    below when `None`.
+freeze_layers
+    Keep the first ``freeze_layers`` encoder layers fixed (the embeddings still train);
+    ``"all"`` trains only the classification head{official}.
+class_weight
+    Fine-tuning only: ``"balanced"`` weights each class's cross-entropy by
+    ``n_cells / (n_classes * n_cells_in_class)``, or a mapping label -> weight (unlisted
+    labels weigh 1).
+batch_adversarial
+    With a weight ``w > 0``, also train an adversarial batch discriminator on the cell
+    embedding with weight ``w`` (batch removal for integration; needs ``batch_key``).
+checkpoint_dir
+    Folder for the resumable checkpoint ``last.ckpt``; `None` writes none.
+checkpoint_every_n_steps
+    Optimiser steps between two checkpoints (a kill loses at most about that many).
+ckpt_path
+    ``"last"`` resumes from ``checkpoint_dir/last.ckpt`` (and starts afresh when there is
+    none yet), a path resumes from that checkpoint file; `None` starts afresh.
+datasplitter_kwargs
+    Passed to scvi-tools' :class:`~scvi.dataloaders.DataSplitter` (e.g. ``num_workers``).
+plan_kwargs
+    Other :class:`~cellformers.train.PretrainingPlan` arguments (e.g.
+    ``lr_schedule="step"``, ``min_lr_ratio``); they take precedence over ``lr``,
+    ``weight_decay`` and ``warmup_ratio``.
+trainer_kwargs
+    Passed to :class:`scvi.train.Trainer` and Lightning's ``Trainer`` (e.g.
+    ``max_time``, ``gradient_clip_val``, ``precision``, ``strategy``).
+datamodule
+    A Lightning data module in place of the registered AnnData. Not supported yet: the
+    minibatches must go through the model's tokenizer.
+**kwargs
+    Merged into ``trainer_kwargs``{extra}.
+
+Returns
+-------
+`None`; the trained weights stay in the model, and ``history`` holds the logged metrics.
+"""
+
+
 class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """Behaviour shared by every cellformers model class.
 
@@ -68,6 +314,20 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """
 
     _training_plan_cls = PretrainingPlan
+    _data_splitter_cls = ResumableDataSplitter
+    _modes: ClassVar[tuple[str, ...]] = MODES  # values of train(mode=...)
+    # class defaults of train(): a value, or a dict mode -> value
+    _train_defaults: ClassVar[dict[str, Any]] = {
+        "batch_size": 32,
+        "lr": 1e-4,
+        "weight_decay": 0.01,
+        "warmup_ratio": 0.1,
+    }
+    # class-specific parts of the train() docstring (see __init_subclass__)
+    _train_summary: ClassVar[str] = "Pretrain the network or fine-tune its classification head."
+    _train_notes: ClassVar[str] = ""
+    _train_official_freeze: ClassVar[str] = ""
+    _train_extra_kwargs: ClassVar[str] = ""
     _unknown_label = "unknown"  # label of cells below `unknown_threshold` in predict_celltype
     finetuned_ = False  # whether the classification head has been trained
 
@@ -83,12 +343,16 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         labels_key: str | None,
         gene_key: str | None,
         is_count_data: bool,
+        spatial_key: str | None = None,
         extra_fields: Sequence = (),
         **kwargs,
     ) -> None:
         """Validate ``adata`` and register the fields every model reads (plus ``extra_fields``)."""
         if not isinstance(adata, AnnData):
-            raise TypeError(f"Expected an AnnData object, got {type(adata).__name__}.")
+            hint = ""
+            if isinstance(adata, MuData):
+                hint = f" Set a MuData up with `{cls.__name__}.setup_mudata`."
+            raise TypeError(f"Expected an AnnData object, got {type(adata).__name__}.{hint}")
         unknown = sorted(set(kwargs) - _TRANSFER_ARGS)
         if unknown:
             raise TypeError(
@@ -104,20 +368,23 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         check_setup_keys(adata, layer=layer, obs_keys=[batch_key, labels_key], var_keys=[gene_key])
         check_obs_labels(adata, labels_key, role="labels_key")
         check_obs_labels(adata, batch_key, role="batch_key")
-        check_unique(adata.var_names)
-        if gene_key is not None and adata.var[gene_key].isna().all():
-            raise ValueError(f"adata.var[{gene_key!r}] holds no gene names.")
-        X = adata.X if layer is None else adata.layers[layer]
-        if X is None:
-            raise ValueError("adata.X is empty; pass `layer=` naming the counts layer.")
-        where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-        check_expression(X, name=where, require_integer=is_count_data)
+        _check_genes_and_expression(adata, layer, gene_key, is_count_data, name="adata")
         fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=is_count_data),
             CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
             CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
             *extra_fields,
         ]
+        if spatial_key is not None:
+            _check_spatial(adata, spatial_key, name="adata")
+            fields.append(ObsmField(SPATIAL_KEY, spatial_key))
+        cls._register_fields(adata, fields, setup_method_args, **kwargs)
+
+    @classmethod
+    def _register_fields(
+        cls, adata: AnnData | MuData, fields: list, setup_method_args: dict, **kwargs
+    ) -> None:
+        """Register ``fields`` of ``adata`` (an AnnData or a MuData) with this model class."""
         uuid = adata.uns.get(_SCVI_UUID_KEY)
         registered = cls._setup_adata_manager_store.get(uuid) if uuid is not None else None
         if registered is not None and registered.adata is not adata:
@@ -126,6 +393,147 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         manager.register_fields(adata, **kwargs)
         cls.register_manager(manager)
+
+    @classmethod
+    def setup_mudata(
+        cls,
+        mdata: MuData,
+        *,
+        rna_layer: str | None = None,
+        protein_layer: str | None = None,
+        atac_layer: str | None = None,
+        batch_key: str | None = None,
+        labels_key: str | None = None,
+        gene_key: str | None = None,
+        spatial_key: str | None = None,
+        modalities: dict[str, str] | None = None,
+        **kwargs,
+    ) -> None:
+        """Set up a MuData (multi-omics) object for this model class.
+
+        The model reads the RNA modality: its ``var`` holds the genes matched to the model's
+        vocabulary and its counts (``X`` or ``layers[rna_layer]``) are tokenized, exactly as
+        :meth:`setup_anndata` on that modality alone would. Protein (ADT) and chromatin (ATAC)
+        counts are validated and registered when their modality is named in ``modalities``,
+        for models that read them. Batch, label and spatial keys are read from the global
+        ``mdata.obs`` / ``mdata.obsm`` unless ``modalities`` names a modality for them. Every
+        registered modality must hold the same cells in the same order as ``mdata.obs_names``.
+
+        Model-specific options of :meth:`setup_anndata` (e.g. scFoundation's
+        ``pre_normalized`` or ``perturbation_key``, Geneformer's ``n_counts_key``) keep their
+        defaults here; set ``mdata["rna"]`` up with :meth:`setup_anndata` to change them.
+
+        Parameters
+        ----------
+        mdata
+            MuData with an RNA modality of raw counts.
+        rna_layer
+            Layer of the RNA modality with the counts; ``None`` uses its ``X``.
+        protein_layer
+            Layer of the protein modality with the ADT counts; ``None`` uses its ``X``.
+        atac_layer
+            Layer of the ATAC modality with the fragment or peak counts; ``None`` uses its
+            ``X``.
+        batch_key
+            Column of ``obs`` with each cell's batch.
+        labels_key
+            Column of ``obs`` with each cell's label (for fine-tuning).
+        gene_key
+            Column of the RNA modality's ``var`` with the gene names to match (symbols or
+            Ensembl IDs); ``None`` uses its ``var_names``.
+        spatial_key
+            Key of ``obsm`` with each cell's 2-D or 3-D coordinates (squidpy and spatialdata
+            tables use ``"spatial"``).
+        modalities
+            Which modality each argument refers to, e.g. ``{"rna_layer": "rna",
+            "protein_layer": "prot", "batch_key": "rna"}``. The RNA modality defaults to
+            ``"rna"``; proteins and ATAC are registered only when named here; other keys
+            default to the global ``mdata`` attributes.
+        **kwargs
+            Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
+
+        Examples
+        --------
+        >>> import mudata as md
+        >>> mdata = md.read_h5mu("pbmc_citeseq.h5mu")
+        >>> cf.model.SCGPT.setup_mudata(
+        ...     mdata, batch_key="batch", modalities={"rna_layer": "rna", "protein_layer": "prot"}
+        ... )
+        >>> model = cf.model.SCGPT(mdata, d_model=64, nhead=4, d_hid=64, nlayers=2)
+        >>> cf.tl.embed(mdata, model)  # mdata.obsm["X_scgpt"]
+
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        if not isinstance(mdata, MuData):
+            hint = ""
+            if isinstance(mdata, AnnData):
+                hint = f" Set an AnnData up with `{cls.__name__}.setup_anndata`."
+            raise TypeError(f"Expected a MuData object, got {type(mdata).__name__}.{hint}")
+        mods = _resolve_modalities(mdata, modalities)
+        rna = mdata.mod[mods["rna_layer"]]
+        where = f"mdata.mod[{mods['rna_layer']!r}]"
+        if rna_layer is not None and rna_layer not in rna.layers:
+            raise KeyError(
+                f"Layer {rna_layer!r} not found in {where}.layers (available: "
+                f"{list(rna.layers)}). Pass `rna_layer=None` to use {where}.X."
+            )
+        if gene_key is not None and gene_key not in rna.var:
+            raise KeyError(
+                f"Column {gene_key!r} not found in {where}.var (available: {list(rna.var)})."
+            )
+        _check_genes_and_expression(rna, rna_layer, gene_key, True, name=where)
+        fields = [
+            MuDataLayerField(
+                REGISTRY_KEYS.X_KEY,
+                rna_layer,
+                mod_key=mods["rna_layer"],
+                is_count_data=True,
+                mod_required=True,
+            )
+        ]
+        for registry_key, arg, layer in (
+            (REGISTRY_KEYS.PROTEIN_EXP_KEY, "protein_layer", protein_layer),
+            (REGISTRY_KEYS.ATAC_X_KEY, "atac_layer", atac_layer),
+        ):
+            if mods.get(arg) is None:
+                if layer is not None:
+                    raise ValueError(
+                        f"{arg}={layer!r} needs its modality: pass "
+                        f"`modalities={{..., {arg!r}: <modality name>}}`."
+                    )
+                continue
+            bdata, where = mdata.mod[mods[arg]], f"mdata.mod[{mods[arg]!r}]"
+            if layer is not None and layer not in bdata.layers:
+                raise KeyError(
+                    f"Layer {layer!r} not found in {where}.layers (available: "
+                    f"{list(bdata.layers)})."
+                )
+            X = bdata.X if layer is None else bdata.layers[layer]
+            where = where if layer is None else f"{where}.layers[{layer!r}]"
+            check_expression(X, name=where, require_integer=True)
+            fields.append(
+                MuDataLayerField(
+                    registry_key, layer, mod_key=mods[arg], is_count_data=True, mod_required=True
+                )
+            )
+        for registry_key, arg, key in (
+            (REGISTRY_KEYS.BATCH_KEY, "batch_key", batch_key),
+            (REGISTRY_KEYS.LABELS_KEY, "labels_key", labels_key),
+        ):
+            obs, where = _modality(mdata, mods.get(arg))
+            if key is not None and key not in obs.obs:
+                raise KeyError(
+                    f"Column {key!r} not found in {where}.obs (available: {list(obs.obs)}); name "
+                    f"the modality that holds it with `modalities={{{arg!r}: ...}}`."
+                )
+            fields.append(MuDataCategoricalObsField(registry_key, key, mod_key=mods.get(arg)))
+        if spatial_key is not None:
+            owner, where = _modality(mdata, mods.get("spatial_key"))
+            _check_spatial(owner, spatial_key, name=where)
+            fields.append(
+                MuDataObsmField(SPATIAL_KEY, spatial_key, mod_key=mods.get("spatial_key"))
+            )
+        cls._register_fields(mdata, fields, setup_method_args, **kwargs)
 
     @staticmethod
     def _total_counts_field(
@@ -141,25 +549,38 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             raise ValueError(f"adata.obs[{obs_key!r}] must hold {kind} finite total counts.")
         return NumericalObsField(registry_key, obs_key)
 
-    def save(self, dir_path: str, *args, save_anndata: bool = False, **kwargs) -> None:
-        """Save the model as :meth:`scvi.model.base.BaseModelClass.save` does.
-
-        With ``save_anndata=True`` the AnnData is written as it is: anndata would otherwise turn
-        its string ``obs``/``var`` columns into categoricals in place, changing the user's
-        object. Pass ``convert_strings_to_categoricals=True`` to write them as categoricals.
-        """
-        if save_anndata:
-            kwargs.setdefault("convert_strings_to_categoricals", False)
-        super().save(dir_path, *args, save_anndata=save_anndata, **kwargs)
-
     # ------------------------------------------------------------------ genes
-    def _gene_names(self, adata: AnnData) -> pd.Index:
+    def _rna(self, adata: AnnData | MuData) -> AnnData:
+        """Return the AnnData whose columns the model reads (a MuData's RNA modality)."""
+        if not isinstance(adata, MuData):
+            return adata
+        uuid = adata.uns.get(_SCVI_UUID_KEY)
+        for store in (
+            type(self)._per_instance_manager_store.get(self.id, {}),
+            self._setup_adata_manager_store,
+        ):
+            manager = store.get(uuid)
+            if manager is not None and manager.adata is adata:
+                return adata.mod[manager.data_registry[REGISTRY_KEYS.X_KEY].mod_key]
+        # not set up yet: the model's own RNA modality
+        registry = self.registry_["field_registries"][REGISTRY_KEYS.X_KEY]["data_registry"]
+        mod = registry.get("mod_key")
+        if mod is None or mod not in adata.mod:
+            raise KeyError(
+                f"The model reads the RNA modality {mod!r}, which the MuData lacks (modalities: "
+                f"{list(adata.mod)}); set it up with `{type(self).__name__}.setup_mudata(mdata, "
+                "modalities={'rna_layer': ...})`."
+            )
+        return adata.mod[mod]
+
+    def _gene_names(self, adata: AnnData | MuData) -> pd.Index:
         """Gene names of ``adata`` as registered (``var[gene_key]`` or ``var_names``)."""
         manager = self.get_anndata_manager(adata, required=True)
         gene_key = manager.registry["setup_args"].get("gene_key")
+        rna = self._rna(adata)
         if gene_key is None:
-            return pd.Index(adata.var_names.astype(str))
-        return pd.Index(adata.var[gene_key].astype(str))
+            return pd.Index(rna.var_names.astype(str))
+        return pd.Index(rna.var[gene_key].astype(str))
 
     def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True) -> AnnData:
         """Validate ``adata``; query data may carry any genes, labels and batches.
@@ -176,7 +597,7 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         """
         if adata is None:
             return super()._validate_anndata(adata, copy_if_view)
-        if not isinstance(adata, AnnData):
+        if not isinstance(adata, AnnData | MuData):
             raise TypeError(f"Expected an AnnData object, got {type(adata).__name__}.")
         if adata is self.adata:
             return super()._validate_anndata(adata, copy_if_view)
@@ -188,6 +609,15 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         # look the stores up directly: scvi-tools' getters try a field transfer on copies
         own = type(self)._setup_adata_manager_store.get(uuid)
         own = own if own is not None and own.adata is adata else None  # set up by the user
+        method = self.registry_["setup_method_name"]
+        if own is None and isinstance(adata, MuData) != (method == "setup_mudata"):
+            kind, other = ("AnnData", "setup_anndata")
+            if isinstance(adata, MuData):
+                kind, other = ("MuData", "setup_mudata")
+            raise TypeError(
+                f"The model was set up with `{method}`; set this {kind} up first with "
+                f"`{type(self).__name__}.{other}(...)`."
+            )
         if (
             own is None
             and self._has_registered_genes(adata)
@@ -205,8 +635,8 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         if manager is None:
             # Not set up, or the registration was copied from another AnnData with the data.
             adata.uns[_SCVI_UUID_KEY] = str(uuid4())
-            logger.info("Setting up query AnnData with the model's setup arguments.")
-            getattr(type(self), self.registry_["setup_method_name"])(adata, **setup_args)
+            logger.info("Setting up query data with the model's setup arguments.")
+            getattr(type(self), method)(adata, **setup_args)
             manager = self._get_most_recent_anndata_manager(adata, required=True)
         self._register_manager_for_instance(manager)
         if own is not None:  # set up by the user, possibly before the data changed
@@ -215,6 +645,8 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
 
     def _check_query_expression(self, adata: AnnData) -> None:
         """Check the registered expression of a query as :meth:`setup_anndata` does."""
+        if isinstance(adata, MuData):  # setup_mudata checks each modality
+            return
         manager = self.get_anndata_manager(adata, required=True)
         layer = manager.registry["setup_args"].get("layer")
         field = next(f for f in manager.fields if f.registry_key == REGISTRY_KEYS.X_KEY)
@@ -237,18 +669,23 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         """
         args = dict(self.registry_["setup_args"])
         if adata is not None and adata is not self.adata:
-            if args.get("labels_key") is not None:
-                args["labels_key"] = None
-            key = args.get("batch_key")
-            if key is not None and (not self._reads_batches() or key not in adata.obs):
-                args["batch_key"] = None
+            mods = args.get("modalities") or {}
+            for key in ("labels_key", "batch_key"):
+                if args.get(key) is None:
+                    continue
+                obs = adata.obs
+                if isinstance(adata, MuData) and mods.get(key) in adata.mod:
+                    obs = adata.mod[mods[key]].obs
+                if key == "labels_key" or not self._reads_batches() or args[key] not in obs:
+                    args[key] = None
         return args
 
     def _has_registered_genes(self, adata: AnnData) -> bool:
         """Whether ``adata`` has exactly the genes (and order) the model was registered with."""
         registered = self.get_state_registry(REGISTRY_KEYS.X_KEY).column_names
-        return adata.n_vars == len(registered) and np.array_equal(
-            np.asarray(adata.var_names), np.asarray(registered)
+        var_names = self._rna(adata).var_names
+        return len(var_names) == len(registered) and np.array_equal(
+            np.asarray(var_names), np.asarray(registered)
         )
 
     # ------------------------------------------------------------------ inference loop
@@ -270,25 +707,46 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         batch_size: int,
         plan_kwargs: dict,
         datasplitter_kwargs: dict | None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every_n_steps: int = 50,
+        ckpt_path: str | os.PathLike | None = None,
         **kwargs,
     ):
-        """Train through scvi-tools with minibatches tokenized on the fly by ``tokenize``."""
+        """Train through scvi-tools with minibatches tokenized on the fly by ``tokenize``.
+
+        The run's seed (drawn from torch's random state, or restored from ``ckpt_path``) fixes
+        the training order and every step's random draws (see
+        :class:`~cellformers.train.PretrainingPlan`), so resuming from a checkpoint repeats
+        the run that wrote it.
+        """
         # scvi-tools leaves the module in eval mode after training; Lightning keeps that mode,
         # which would switch dropout off in a second training run
         self.module.train()
+        seed = int(torch.randint(2**31 - 1, ()).item())
         datasplitter_kwargs = {
             "collate_fn": TokenizingCollator(tokenize),
             **(datasplitter_kwargs or {}),
+            "seed": seed,
         }
-        return UnsupervisedTrainingMixin.train(
-            self,
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            load_sparse_tensor=True,
-            plan_kwargs=plan_kwargs,
-            datasplitter_kwargs=datasplitter_kwargs,
-            **kwargs,
-        )
+        plan_kwargs = {
+            **plan_kwargs,
+            "seed": seed,
+            "checkpoint_dir": checkpoint_dir,
+            "checkpoint_every_n_steps": checkpoint_every_n_steps,
+        }
+        with warnings.catch_warnings():
+            # the plan restores the position in the epoch itself (Lightning cannot tell)
+            warnings.filterwarnings("ignore", message=".*your dataloader is not resumable")
+            return UnsupervisedTrainingMixin.train(
+                self,
+                max_epochs=max_epochs,
+                batch_size=batch_size,
+                load_sparse_tensor=True,
+                plan_kwargs=plan_kwargs,
+                datasplitter_kwargs=datasplitter_kwargs,
+                ckpt_path=ckpt_path,
+                **kwargs,
+            )
 
     def _iter_token_batches(
         self,
@@ -485,6 +943,188 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             )
         return torch.as_tensor(weights, dtype=torch.float32)
 
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        max_epochs: int | None = None,
+        *,
+        mode: str = "pretrain",
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        train_size: float | None = None,
+        validation_size: float | None = None,
+        shuffle_set_split: bool = True,
+        batch_size: int | None = None,
+        early_stopping: bool = False,
+        lr: float | None = None,
+        weight_decay: float | None = None,
+        warmup_ratio: float | None = None,
+        freeze_layers: int | str = 0,
+        class_weight: str | Mapping[str, float] | None = None,
+        batch_adversarial: float = 0.0,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every_n_steps: int = 50,
+        ckpt_path: str | os.PathLike | None = None,
+        datasplitter_kwargs: Mapping[str, Any] | None = None,
+        plan_kwargs: Mapping[str, Any] | None = None,
+        trainer_kwargs: Mapping[str, Any] | None = None,
+        datamodule=None,
+        **kwargs,
+    ):
+        if mode not in self._modes:
+            raise ValueError(f"mode must be one of {self._modes}, got {mode!r}.")
+        if datamodule is not None:
+            raise NotImplementedError(
+                f"{type(self).__name__}.train does not take a `datamodule` yet: its minibatches "
+                "must go through the model's tokenizer. Train on the registered AnnData instead."
+            )
+        if max_epochs is not None:
+            max_epochs = _check_int("max_epochs", max_epochs)
+        batch_size = _check_int("batch_size", self._train_default("batch_size", batch_size, mode))
+        if train_size is not None:
+            train_size = _check_real(
+                "train_size", train_size, low=0, high=1, open_low=True, open_high=False
+            )
+        if validation_size is not None:
+            validation_size = _check_real("validation_size", validation_size, low=0, high=1)
+            if (train_size or 0.9) + validation_size > 1 + 1e-9:
+                given = f"{train_size}" if train_size else "0.9 by default"
+                raise ValueError(
+                    f"train_size ({given}) + validation_size ({validation_size}) must be at most 1."
+                )
+        flags = {"early_stopping": early_stopping, "shuffle_set_split": shuffle_set_split}
+        for name, value in flags.items():
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {value!r}.")
+        batch_adversarial = _check_real("batch_adversarial", batch_adversarial, low=0)
+        checkpoint_every_n_steps = _check_int("checkpoint_every_n_steps", checkpoint_every_n_steps)
+        ckpt_path = self._resolve_ckpt_path(ckpt_path, checkpoint_dir)
+        datasplitter_kwargs = _check_mapping("datasplitter_kwargs", datasplitter_kwargs)
+        plan_kwargs = {
+            "lr": self._train_default("lr", lr, mode),
+            "weight_decay": self._train_default("weight_decay", weight_decay, mode),
+            "warmup_ratio": self._train_default("warmup_ratio", warmup_ratio, mode),
+            **_check_mapping("plan_kwargs", plan_kwargs),
+        }
+        plan_kwargs["lr"] = _check_real("lr", plan_kwargs["lr"], low=0, open_low=True)
+        plan_kwargs["weight_decay"] = _check_real(
+            "weight_decay", plan_kwargs["weight_decay"], low=0
+        )
+        plan_kwargs["warmup_ratio"] = _check_real(
+            "warmup_ratio", plan_kwargs["warmup_ratio"], low=0, high=1
+        )
+        trainer_kwargs = _check_mapping("trainer_kwargs", trainer_kwargs)
+        both = sorted(set(trainer_kwargs) & set(kwargs))
+        if both:
+            raise ValueError(f"{both} given both in trainer_kwargs and as keyword arguments.")
+        own = sorted(
+            set(trainer_kwargs)
+            & {*inspect.signature(FoundationModelBase.train).parameters, "load_sparse_tensor"}
+        )
+        if own:
+            raise ValueError(f"{own} are not Trainer arguments: pass them to train() itself.")
+        return self._train(
+            mode=mode,
+            freeze_layers=freeze_layers,
+            class_weight=class_weight,
+            batch_adversarial=batch_adversarial,
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            plan_kwargs=plan_kwargs,
+            datasplitter_kwargs=datasplitter_kwargs,
+            accelerator=accelerator,
+            devices=devices,
+            train_size=train_size,
+            validation_size=validation_size,
+            shuffle_set_split=shuffle_set_split,
+            early_stopping=early_stopping,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every_n_steps=checkpoint_every_n_steps,
+            ckpt_path=ckpt_path,
+            **trainer_kwargs,
+            **kwargs,
+        )
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Give each model class a :meth:`train` whose docstring tells its own recipe."""
+        super().__init_subclass__(**kwargs)
+        if "train" in cls.__dict__:
+            return
+
+        @functools.wraps(FoundationModelBase.train)
+        def train(self, *args, **kw):
+            return FoundationModelBase.train(self, *args, **kw)
+
+        train.__doc__ = cls._train_docstring()
+        train.__qualname__ = f"{cls.__qualname__}.train"
+        cls.train = train
+
+    @classmethod
+    def _train_docstring(cls) -> str:
+        """Fill the shared :meth:`train` docstring in with the class's recipe and defaults."""
+
+        def show(value) -> str:
+            if isinstance(value, Mapping):
+                return ", ".join(f"``{v!r}`` ({m})" for m, v in value.items())
+            return f"``{value!r}``"
+
+        defaults = "; ".join(f"``{k}``: {show(v)}" for k, v in cls._train_defaults.items())
+        notes = textwrap.dedent(cls._train_notes).strip()
+        notes = f"{notes}\n\nDefaults of this class: {defaults}.".strip()
+        return _TRAIN_DOC.format(
+            summary=cls._train_summary,
+            notes=notes,
+            modes=", ".join(f"``{m!r}``" for m in cls._modes),
+            official=cls._train_official_freeze,
+            extra=cls._train_extra_kwargs,
+        )
+
+    def _train_default(self, name: str, value, mode: str):
+        """``value``, or the class's default of ``train(name=...)`` for ``mode``."""
+        if value is not None:
+            return value
+        default = self._train_defaults[name]
+        return default[mode] if isinstance(default, Mapping) else default
+
+    @staticmethod
+    def _resolve_ckpt_path(
+        ckpt_path: str | os.PathLike | None, checkpoint_dir: str | os.PathLike | None
+    ) -> str | None:
+        """Return the checkpoint file to resume from, or `None` to start afresh."""
+        if checkpoint_dir is not None:
+            if not isinstance(checkpoint_dir, str | os.PathLike):
+                raise TypeError(f"checkpoint_dir must be a folder path, got {checkpoint_dir!r}.")
+            if Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
+                raise ValueError(f"checkpoint_dir {str(checkpoint_dir)!r} is not a folder.")
+        if ckpt_path is None:
+            return None
+        if ckpt_path == "last":
+            if checkpoint_dir is None:
+                raise ValueError(
+                    'ckpt_path="last" resumes from the checkpoints of `checkpoint_dir`: pass the '
+                    "folder given to the run that wrote them."
+                )
+            ckpt_path = Path(checkpoint_dir) / LAST_CHECKPOINT
+            if not ckpt_path.is_file():
+                logger.info("No checkpoint in %s yet; training starts afresh.", checkpoint_dir)
+                return None
+        elif not isinstance(ckpt_path, str | os.PathLike):
+            raise TypeError(f'ckpt_path must be None, "last" or a file path, got {ckpt_path!r}.')
+        if not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"ckpt_path {str(ckpt_path)!r} is not a checkpoint file.")
+        try:  # memory-mapped: reads little; nothing in the file may run code
+            torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:
+            raise ValueError(
+                f"{str(ckpt_path)!r} is not a checkpoint that loads safely with "
+                f"torch.load(weights_only=True): {error}"
+            ) from error
+        return str(ckpt_path)
+
+    def _train(self, *, mode: str, **kwargs):
+        """Run :meth:`train` with checked arguments (hook for class-specific checks)."""
+        return self._run_training(mode=mode, **kwargs)
+
     def _run_training(
         self,
         *,
@@ -508,8 +1148,6 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         embedding with an adversarial batch discriminator of that weight
         (:class:`~cellformers.module.BatchAdversarialModule`; needs ``batch_key``).
         """
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
         finetune = mode == "finetune"
         weights = None
         if finetune:
@@ -786,7 +1424,7 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             if expression is not None:
                 expr = np.where(changed[:, j, None], expr, base_expr)
                 if mode == "delete":  # a deleted gene is not expressed in the changed cells
-                    own = np.isin(expression[1], np.asarray(adata.var_names)[cols])
+                    own = np.isin(expression[1], np.asarray(self._rna(adata).var_names)[cols])
                     expr[np.ix_(changed[:, j], own)] = 0.0
                 diff = expr - base_expr  # NaN where a model predicts no value for a gene
                 seen = np.isfinite(diff)
@@ -812,3 +1450,326 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
                 change.astype(np.float32), index=out.var_names, columns=list(expression[1])
             )
         return out
+
+    # ------------------------------------------------------------------ saving and loading
+    def save(
+        self,
+        dir_path: str | os.PathLike,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+        **anndata_write_kwargs,
+    ) -> None:
+        """Save the model into a folder, without pickle and all at once.
+
+        Writes ``model.safetensors`` (the network's weights) and ``model.json`` (the gene names,
+        the constructor arguments, the AnnData registry, the LoRA configuration and the other
+        saved attributes, as JSON), plus ``adata.h5ad`` with ``save_anndata``. The files are
+        written into a temporary folder next to ``dir_path`` that then replaces it, so a save
+        that is interrupted leaves the previous save (or none) intact; a second process saving
+        to the same folder at the same time gets an error. :meth:`load` reads the folder back
+        without running any code stored in it.
+
+        Parameters
+        ----------
+        dir_path
+            Folder to write.
+        prefix
+            Prefix of the file names.
+        overwrite
+            Replace an existing folder (as a whole: files of other names in it are removed);
+            otherwise an existing ``dir_path`` is an error.
+        save_anndata
+            Also save the AnnData the model was set up with.
+        anndata_write_kwargs
+            Passed to :meth:`anndata.AnnData.write_h5ad` (or MuData's ``write``).
+
+        """
+        state = self.module.state_dict()
+        attrs = {name: value for name, value in self._get_user_attributes() if name[-1] == "_"}
+        names = _saved_file_names(prefix)
+        with atomic_write(dir_path, overwrite=overwrite) as tmp:
+            if save_anndata:
+                name = names["adata"] if isinstance(self.adata, AnnData) else names["mdata"]
+                if isinstance(self.adata, AnnData):  # else anndata categorises strings in place
+                    anndata_write_kwargs.setdefault("convert_strings_to_categoricals", False)
+                self.adata.write(tmp / name, **anndata_write_kwargs)
+            _write_saved_model(tmp, names, type(self), state, self.get_var_names(), attrs)
+
+    @classmethod
+    def load(
+        cls,
+        dir_path: str | os.PathLike,
+        adata: AnnData | None = None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        prefix: str | None = None,
+        backup_url: str | None = None,
+    ):
+        """Load a model saved with :meth:`save`.
+
+        Only data is read (JSON and safetensors), so a folder cannot make this run code. Every
+        file and field is checked; a damaged or foreign folder is an error that names the file.
+        Folders written by older versions with scvi-tools' pickled ``model.pt`` are refused;
+        :meth:`convert_legacy_save` converts a trusted one once.
+
+        Parameters
+        ----------
+        dir_path
+            Folder written by :meth:`save`.
+        adata
+            AnnData set up like the training data (its setup is redone from the saved
+            registry). `None` loads the AnnData saved with the model, if any.
+        accelerator
+            Lightning accelerator (``"auto"``, ``"cpu"``, ``"gpu"``, ...).
+        device
+            Device index or ``"auto"``.
+        prefix
+            Prefix of the file names.
+        backup_url
+            Not supported (the saved model is more than one file); pass `None`.
+
+        Returns
+        -------
+        The model, in evaluation mode.
+
+        """
+        from scvi.data._constants import _SETUP_ARGS_KEY, _SETUP_METHOD_NAME
+        from scvi.model._utils import parse_device_args
+        from scvi.model.base._save_load import _initialize_model, _validate_var_names
+
+        _, _, device = parse_device_args(
+            accelerator=accelerator, devices=device, return_device="torch",
+            validate_single_device=True,
+        )  # fmt: skip
+        if backup_url is not None:
+            raise ValueError("backup_url is not supported; download the saved folder first.")
+        folder = Path(dir_path)
+        names = _saved_file_names(prefix)
+        var_names, attr_dict = cls._read_saved_meta(folder, names)
+        meta_file, weights_file = folder / names["meta"], folder / names["weights"]
+        registry = attr_dict.pop("registry_")
+        state = read_safetensors(weights_file)
+        if adata is None:
+            adata = _read_saved_adata(folder, names, registry)
+        if adata:
+            if _SETUP_ARGS_KEY not in registry:
+                raise ValueError(f"{meta_file}: the registry lacks the setup arguments.")
+            _validate_var_names(adata, var_names)
+            method_name = registry.get(_SETUP_METHOD_NAME, "setup_anndata")
+            getattr(cls, method_name)(adata, source_registry=registry, **registry[_SETUP_ARGS_KEY])
+        model = _initialize_model(cls, adata, registry, attr_dict, None)
+        model.module.on_load(model, pyro_param_store=None)
+        check_weights(state, model.module.state_dict(), source=weights_file)
+        try:
+            model.module.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(
+                f"The weights in {weights_file} do not fit the network described in {meta_file} "
+                f"(the two files come from different saves): {e}"
+            ) from e
+        model.to_device(device)
+        model.module.eval()
+        if adata:
+            model._validate_anndata(adata)
+        return model
+
+    @classmethod
+    def _read_saved_meta(cls, folder: Path, names: dict[str, str]) -> tuple:
+        """Gene names and attributes saved in ``model.json`` (refusing pickled saves)."""
+        from scvi.data._constants import _MODEL_NAME_KEY
+
+        recover_folder(folder)
+        meta_file = folder / names["meta"]
+        if not meta_file.is_file() and (folder / names["legacy"]).is_file():
+            raise ValueError(
+                f"{folder / names['legacy']} is a model saved in the pickle format of older "
+                "versions; loading it could run code stored in the file, so it is refused. If you "
+                f"trust where it comes from, convert it once with {cls.__name__}."
+                "convert_legacy_save(dir_path, output_dir_path, trust_pickle=True) and load the "
+                "new folder."
+            )
+        meta = _check_saved_meta(read_json(meta_file, what="saved model file"), meta_file, cls)
+        var_names = decode_json_value(meta["var_names"], where=f"{meta_file}: var_names")
+        attr_dict = decode_json_value(meta["attr_dict"], where=f"{meta_file}: attr_dict")
+        model_name = attr_dict["registry_"].get(_MODEL_NAME_KEY, cls.__name__)
+        if model_name != cls.__name__:
+            raise ValueError(f"{meta_file} holds a {model_name} model, not a {cls.__name__}.")
+        return var_names, attr_dict
+
+    @classmethod
+    def load_registry(cls, dir_path: str | os.PathLike, prefix: str | None = None) -> dict:
+        """Return the AnnData registry saved with a model (read safely, as :meth:`load` does).
+
+        Parameters
+        ----------
+        dir_path
+            Folder written by :meth:`save`.
+        prefix
+            Prefix of the file names.
+
+        Returns
+        -------
+        The registry.
+
+        """
+        return cls._read_saved_meta(Path(dir_path), _saved_file_names(prefix))[1]["registry_"]
+
+    @classmethod
+    def view_setup_args(cls, dir_path: str | os.PathLike, prefix: str | None = None) -> None:
+        """Print the arguments a saved model's AnnData was set up with.
+
+        Parameters
+        ----------
+        dir_path
+            Folder written by :meth:`save`.
+        prefix
+            Prefix of the file names.
+
+        """
+        AnnDataManager.view_setup_method_args(cls.load_registry(dir_path, prefix))
+
+    @classmethod
+    def convert_legacy_save(
+        cls,
+        dir_path: str | os.PathLike,
+        output_dir_path: str | os.PathLike,
+        overwrite: bool = False,
+        prefix: str | None = None,
+        *,
+        trust_pickle: bool = False,
+    ) -> None:
+        """Convert a model saved by an older version (pickled ``model.pt``) to the safe format.
+
+        Reading the old file unpickles it, which runs whatever code it holds: scvi-tools saves
+        containers (``defaultdict``) that ``torch.load(weights_only=True)`` cannot read, so there
+        is no safe way to read these files. Convert only saves you made yourself or otherwise
+        trust, once, by passing ``trust_pickle=True``; :meth:`load` then reads the new folder
+        safely. A saved AnnData is copied.
+
+        Parameters
+        ----------
+        dir_path
+            Folder with the old ``model.pt``.
+        output_dir_path
+            Folder to write in the format of :meth:`save`.
+        overwrite
+            Replace an existing ``output_dir_path``.
+        prefix
+            Prefix of the file names (read and written).
+        trust_pickle
+            Confirm that ``dir_path`` comes from a trusted source (required).
+
+        """
+        from scvi.model.base._constants import SAVE_KEYS
+
+        names = _saved_file_names(prefix)
+        old = Path(dir_path) / names["legacy"]
+        if not old.is_file():
+            raise FileNotFoundError(f"{old} does not exist; pass the folder of an old save.")
+        if not trust_pickle:
+            raise ValueError(
+                f"Reading {old} runs the code pickled into it. Pass trust_pickle=True only if "
+                "you made this file yourself or trust its source."
+            )
+        saved = torch.load(old, map_location="cpu", weights_only=False)
+        keys = (SAVE_KEYS.MODEL_STATE_DICT_KEY, SAVE_KEYS.VAR_NAMES_KEY, SAVE_KEYS.ATTR_DICT_KEY)
+        if not isinstance(saved, dict) or any(k not in saved for k in keys):
+            raise ValueError(f"{old} is not a saved scvi-tools model (it lacks {list(keys)}).")
+        state = dict(saved[keys[0]])
+        state.pop("pyro_param_store", None)
+        with atomic_write(output_dir_path, overwrite=overwrite) as tmp:
+            for name in (names["adata"], names["mdata"]):
+                if (Path(dir_path) / name).is_file():
+                    shutil.copyfile(Path(dir_path) / name, tmp / name)
+            _write_saved_model(tmp, names, cls, state, saved[keys[1]], saved[keys[2]])
+
+
+_SAVE_FORMAT = "cellformers-model"
+_SAVE_FORMAT_VERSION = 1
+
+
+def _write_saved_model(
+    folder: Path, names: dict[str, str], cls: type, state: dict, var_names, attrs: dict
+) -> None:
+    """Write the weights (safetensors) and everything else (JSON) of a saved model."""
+    from safetensors.torch import save_file
+
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise TypeError(f"The network's state holds non-tensor entries {not_tensors[:3]}.")
+    meta = {
+        "format": _SAVE_FORMAT,
+        "format_version": _SAVE_FORMAT_VERSION,
+        "model_class": cls.__name__,
+        "var_names": encode_json_value(var_names, where="var_names"),
+        "attr_dict": encode_json_value(attrs, where="model attribute"),
+    }
+    # clone: safetensors refuses tensors that share memory (tied weights)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    save_file(tensors, folder / names["weights"], metadata={"format": "pt"})
+    (folder / names["meta"]).write_text(json.dumps(meta), encoding="utf-8")
+
+
+def _saved_file_names(prefix: str | None) -> dict[str, str]:
+    """File names of a saved model (with ``prefix``)."""
+    from scvi.model.base._constants import SAVE_KEYS
+
+    prefix = prefix or ""
+    if os.sep in prefix or "/" in prefix:
+        raise ValueError(f"prefix {prefix!r} must not contain a path separator.")
+    return {
+        "meta": f"{prefix}model.json",
+        "weights": f"{prefix}model.safetensors",
+        "legacy": f"{prefix}{SAVE_KEYS.MODEL_FNAME}",
+        "adata": f"{prefix}{SAVE_KEYS.ADATA_FNAME}",
+        "mdata": f"{prefix}{SAVE_KEYS.MDATA_FNAME}",
+    }
+
+
+def _check_saved_meta(meta, path: Path, cls: type) -> dict:
+    """Check the fields of a saved ``model.json``."""
+    check_format(meta, path, name=_SAVE_FORMAT, version=_SAVE_FORMAT_VERSION)
+    if meta.get("model_class") != cls.__name__:
+        raise ValueError(f"{path} holds a {meta.get('model_class')} model, not a {cls.__name__}.")
+    attrs = meta.get("attr_dict")
+    for field in ("registry_", "init_params_"):
+        if not isinstance(attrs, dict) or not isinstance(attrs.get(field), dict):
+            raise ValueError(f"{path}: field attr_dict.{field} is missing or not an object.")
+    if "var_names" not in meta:
+        raise ValueError(f"{path}: field var_names is missing.")
+    # load() sets every saved attribute on the model: only public ``name_`` attributes
+    odd = [k for k in attrs if not (k.endswith("_") and k[0].isalpha() and k.isidentifier())]
+    if odd:
+        raise ValueError(f"{path}: attr_dict holds fields that are not model attributes: {odd}.")
+    for group in ("non_kwargs", "kwargs"):
+        if not isinstance(attrs["init_params_"].get(group, {}), dict):
+            raise ValueError(f"{path}: field attr_dict.init_params_.{group} is not an object.")
+    return meta
+
+
+def _read_saved_adata(folder: Path, names: dict[str, str], registry: dict):
+    """Read the AnnData (or MuData) saved with a model; `False` when there is none."""
+    from scvi.data._constants import _SETUP_METHOD_NAME
+
+    is_mudata = registry.get(_SETUP_METHOD_NAME) == "setup_mudata"
+    path = folder / names["mdata" if is_mudata else "adata"]
+    if not path.is_file():
+        warnings.warn(
+            "Save path contains no saved anndata and no adata was passed. Model will be loaded "
+            "without anndata.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return False
+    try:
+        if is_mudata:
+            import mudata
+
+            return mudata.read_h5mu(path)
+        return anndata.read_h5ad(path)
+    except Exception as e:
+        raise ValueError(f"Could not read the saved data {path}: {e}") from e
+
+
+FoundationModelBase.train.__doc__ = FoundationModelBase._train_docstring()

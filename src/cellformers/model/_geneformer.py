@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -20,7 +19,7 @@ from scvi import REGISTRY_KEYS
 from scvi.utils import setup_anndata_dsp
 
 from ..data import geneformer_v1_dictionaries, to_csr
-from ..genes import GeneVocab, match_genes, read_gene_dict
+from ..genes import GeneVocab, check_gene_dict, match_genes, read_gene_dict
 from ..module import GeneformerModule
 from ..pretrained import (
     geneformer_module_kwargs,
@@ -81,7 +80,7 @@ class _GeneformerTokenizer:
         return {"input_ids": tokens.input_ids, "lengths": tokens.lengths}
 
 
-def _read_dict(source: Mapping | str | os.PathLike, what: str) -> dict:
+def _read_dict(source: Mapping | str | os.PathLike, what: str, values: str) -> dict:
     if isinstance(source, Mapping):
         out = dict(source)
     elif isinstance(source, str | os.PathLike):
@@ -90,7 +89,9 @@ def _read_dict(source: Mapping | str | os.PathLike, what: str) -> dict:
         raise TypeError(f"{what} must be a dict or a file path, got {type(source).__name__}.")
     if not out:
         raise ValueError(f"{what} is empty.")
-    return out
+    return check_gene_dict(
+        out, values=values, source=what if isinstance(source, Mapping) else source
+    )
 
 
 def _find_in_folder(folder: Path, stem: str) -> Path | None:
@@ -224,16 +225,12 @@ class Geneformer(FoundationModelBase):
             genes = sorted(set(self._gene_names(adata)) - set(_SPECIALS))
             specials = _SPECIALS if special_tokens else _SPECIALS[:2]
             token_dictionary = {t: i for i, t in enumerate([*specials, *genes])}
-        token_dictionary = {
-            str(k): int(v) for k, v in _read_dict(token_dictionary, "token_dictionary").items()
-        }
+        token_dictionary = _read_dict(token_dictionary, "token_dictionary", "token ids")
         if gene_medians is None:
             if adata is None:
                 raise ValueError("Pass `gene_medians` when building a model without AnnData.")
             gene_medians = self._corpus_medians(adata, token_dictionary)
-        gene_medians = {
-            str(k): float(v) for k, v in _read_dict(gene_medians, "gene_medians").items()
-        }
+        gene_medians = _read_dict(gene_medians, "gene_medians", "medians")
         special_tokens = "<cls>" in token_dictionary
         if special_tokens and "<eos>" not in token_dictionary:
             raise ValueError("A token dictionary with <cls> must also hold <eos> (Geneformer V2).")
@@ -291,6 +288,8 @@ class Geneformer(FoundationModelBase):
         labels_key: str | None = None,
         batch_key: str | None = None,
         n_counts_key: str | None = None,
+        *,
+        spatial_key: str | None = None,
         **kwargs,
     ):
         """%(summary)s.
@@ -313,6 +312,9 @@ class Geneformer(FoundationModelBase):
             Column of ``adata.obs`` with each cell's total counts over all genes (the official
             ``n_counts``). Give it when ``adata`` holds a subset of the measured genes; by default
             the totals are the row sums of the registered matrix.
+        spatial_key
+            Key of ``adata.obsm`` with each cell's 2-D or 3-D coordinates (``"spatial"`` in
+            squidpy and spatialdata tables); checked (one finite row per cell) and registered.
 
         """
         setup_method_args = cls._get_setup_method_args(**locals())
@@ -326,6 +328,7 @@ class Geneformer(FoundationModelBase):
         cls._register_anndata(
             adata,
             setup_method_args=setup_method_args,
+            spatial_key=spatial_key,
             layer=layer,
             batch_key=batch_key,
             labels_key=labels_key,
@@ -399,7 +402,7 @@ class Geneformer(FoundationModelBase):
             for stem in sources:
                 if sources[stem] is None:
                     sources[stem] = v1[stem]
-        tokens = _read_dict(sources["token_dictionary"], "token_dictionary")
+        tokens = _read_dict(sources["token_dictionary"], "token_dictionary", "token ids")
         if len(tokens) != vocab_size:
             raise ValueError(
                 f"The token dictionary has {len(tokens):,} entries but the checkpoint's vocabulary "
@@ -465,18 +468,18 @@ class Geneformer(FoundationModelBase):
                 "id2label": {str(i): str(n) for i, n in enumerate(names)},
                 "label2id": {str(n): i for i, n in enumerate(names)},
             }
-        folder = save_geneformer_checkpoint(self.module, path, config_extra=extra)
         medians = {
             t: float(m)
             for t, m in zip(self.vocab.tokens, self._medians, strict=True)
             if np.isfinite(m)
         }
-        for name, content in (
-            ("token_dictionary.json", self.vocab.to_dict()),
-            ("gene_median_dictionary.json", medians),
-        ):
-            (folder / name).write_text(json.dumps(content), encoding="utf-8")
-        return folder
+        dictionaries = {
+            "token_dictionary.json": self.vocab.to_dict(),
+            "gene_median_dictionary.json": medians,
+        }
+        return save_geneformer_checkpoint(
+            self.module, path, config_extra=extra, json_files=dictionaries
+        )
 
     # ------------------------------------------------------------------ genes and tokens
     def _corpus_medians(self, adata: AnnData, token_dictionary: dict[str, int]) -> dict[str, float]:
@@ -555,94 +558,37 @@ class Geneformer(FoundationModelBase):
             )
 
     # ------------------------------------------------------------------ training
-    def train(
-        self,
-        max_epochs: int | None = None,
-        *,
-        mode: Literal["pretrain", "finetune"] = "pretrain",
-        freeze_layers: int | Literal["all"] = 0,
-        class_weight: str | Mapping[str, float] | None = None,
-        batch_size: int = 12,
-        lr: float | None = None,
-        weight_decay: float = 0.001,
-        warmup_ratio: float = 0.05,
-        plan_kwargs: dict | None = None,
-        datasplitter_kwargs: dict | None = None,
-        **kwargs,
-    ):
-        """Masked-gene pretraining or cell classification fine-tuning on the registered AnnData.
+    _train_summary = (
+        "Masked-gene pretraining or cell classification fine-tuning on the registered AnnData."
+    )
+    _train_notes = """
+    ``mode="pretrain"`` masks ``mlm_probability`` of each cell's tokens (80 % become
+    ``<mask>``, 10 % a random token, 10 % stay) and learns to predict the genes at those
+    ranks, as the official pretraining does. ``mode="finetune"`` trains the classification
+    head (``tanh`` pooler on the first token, then a linear layer, as Hugging Face's
+    ``BertForSequenceClassification``) and the encoder on the registered ``labels_key``.
+    ``freeze_layers`` works as the official ``Classifier(freeze_layers=...)``. The defaults
+    follow the official recipes (the V1 pretraining and the fine-tuning examples).
+    """
+    _train_defaults: ClassVar[dict[str, Any]] = {
+        "batch_size": 12,
+        "lr": {"pretrain": 1e-3, "finetune": 5e-5},
+        "weight_decay": 0.001,
+        "warmup_ratio": 0.05,
+    }
 
-        ``mode="pretrain"`` masks ``mlm_probability`` of each cell's tokens (80 % become
-        ``<mask>``, 10 % a random token, 10 % stay) and learns to predict the genes at those
-        ranks, as the official pretraining does. ``mode="finetune"`` trains the classification
-        head (``tanh`` pooler on the first token, then a linear layer, as Hugging Face's
-        ``BertForSequenceClassification``) and the encoder on the registered ``labels_key``.
-        Training runs through Lightning, so ``accelerator``, ``devices``, ``strategy`` and
-        ``precision`` work as in any scvi-tools model.
-
-        Parameters
-        ----------
-        max_epochs
-            Passes through the data; scvi-tools' heuristic when ``None``.
-        mode
-            ``"pretrain"`` or ``"finetune"``.
-        freeze_layers
-            Keep the first ``freeze_layers`` encoder layers fixed (the embeddings still train),
-            as the official ``Classifier(freeze_layers=...)``; ``"all"`` trains only the
-            classification head (pooler and classifier).
-        class_weight
-            Fine-tuning only: ``"balanced"`` weights each class's cross-entropy by
-            ``n_cells / (n_classes * n_cells_in_class)`` (for imbalanced labels), or a mapping
-            label -> weight (unlisted labels weigh 1).
-        batch_size
-            Cells per minibatch (official default 12).
-        lr
-            Peak learning rate of AdamW; 1e-3 for pretraining (the V1 recipe) and 5e-5 for
-            fine-tuning by default.
-        weight_decay
-            AdamW weight decay (official 0.001).
-        warmup_ratio
-            Fraction of steps used for linear warm-up before cosine decay.
-        plan_kwargs
-            Other :class:`~cellformers.train.PretrainingPlan` arguments.
-        datasplitter_kwargs
-            Passed to scvi-tools' ``DataSplitter`` (e.g. ``num_workers``).
-        **kwargs
-            Passed to :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` and Lightning's
-            ``Trainer`` (``train_size``, ``accelerator``, ``max_time`` …). With
-            ``early_stopping=True`` fine-tuning stops when the validation macro-F1
-            (``macro_f1_validation``) stops improving. ``batch_adversarial=w``
-            also trains an adversarial batch discriminator on the cell embedding with
-            weight ``w`` (batch removal for integration; needs ``batch_key``).
-
-        """
+    def _train(self, *, mode: str, **kwargs):
         if mode == "pretrain" and self.module.mlm_head is None:
             raise ValueError(
                 "This model has no masked-gene head (a classifier checkpoint); use mode='finetune'."
             )
-        lr = (1e-3 if mode == "pretrain" else 5e-5) if lr is None else lr
-        plan_kwargs = {
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "warmup_ratio": warmup_ratio,
-            **(plan_kwargs or {}),
-        }
         if (
             kwargs.get("strategy") == "ddp"
             and self.module.mlm_head is not None
             and self.module.classifier is not None
         ):
             kwargs["strategy"] = "ddp_find_unused_parameters_true"  # one head idles per objective
-        return self._run_training(
-            mode=mode,
-            freeze_layers=freeze_layers,
-            class_weight=class_weight,
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            plan_kwargs=plan_kwargs,
-            datasplitter_kwargs=datasplitter_kwargs,
-            **kwargs,
-        )
+        return super()._train(mode=mode, **kwargs)
 
     # ------------------------------------------------------------------ embeddings
     def _layer_depth(self, layer: int) -> int:

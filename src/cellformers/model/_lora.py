@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -14,6 +15,15 @@ from pathlib import Path
 
 import torch
 
+from .._io import (
+    atomic_write,
+    check_config_fields,
+    check_format,
+    check_weights,
+    read_json,
+    read_safetensors,
+    recover_folder,
+)
 from ..nn import (
     LORA_TARGETS,
     add_lora,
@@ -237,14 +247,16 @@ class LoRAMixin:
         ``lora_config.json`` (the LoRA configuration, the model class, the adapted weights with
         their shapes, a fingerprint of the base weights and the head's labels) into
         ``dir_path``: a few hundred kilobytes to a few megabytes, against hundreds for the
-        whole model. :meth:`load_lora` puts them onto a model with the same base weights.
+        whole model. :meth:`load_lora` puts them onto a model with the same base weights. The
+        folder is written next to ``dir_path`` and then takes its place as a whole, so an
+        interrupted save leaves the previous one intact.
 
         Parameters
         ----------
         dir_path
-            Folder to write into (created if needed).
+            Folder to write (created if needed).
         overwrite
-            Replace the files in an existing folder; otherwise an existing folder is an error.
+            Replace an existing folder (as a whole); otherwise it is an error.
 
         """
         from safetensors.torch import save_file
@@ -252,10 +264,6 @@ class LoRAMixin:
         config = self.lora_
         if config is None:
             raise ValueError("The model has no LoRA adapters to save; call add_lora() first.")
-        path = Path(dir_path)
-        if path.exists() and not overwrite:
-            raise ValueError(f"{path} already exists; pass overwrite=True or another folder.")
-        path.mkdir(parents=True, exist_ok=True)
         weights = {k: list(v) for k, v in find_lora_targets(self.module, config["targets"]).items()}
         head = self._lora_head_state()
         tensors = {**lora_state_dict(self.module), **head}
@@ -279,8 +287,9 @@ class LoRAMixin:
             "base_weights_sha256": self._lora_fingerprint(list(weights)),
             "head": head_info,
         }
-        save_file(tensors, path / _WEIGHTS_FILE)
-        (path / _CONFIG_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        with atomic_write(dir_path, overwrite=overwrite) as tmp:
+            save_file(tensors, tmp / _WEIGHTS_FILE)
+            (tmp / _CONFIG_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
 
     def load_lora(self, dir_path: str | os.PathLike) -> None:
         """Load adapters (and a classification head) written by :meth:`save_lora`.
@@ -289,7 +298,8 @@ class LoRAMixin:
         attention layers and shapes), which is checked first; it should also have the same base
         weights (a warning says when the adapted weights differ). Adapters already on the model
         are replaced. A saved head is loaded too; a model without a head gets one first, for
-        the registered labels, which must be the saved ones in the same order.
+        the registered labels, which must be the saved ones in the same order. Both files are
+        read and checked before the model changes; a load that fails leaves it as it was.
 
         Parameters
         ----------
@@ -297,21 +307,15 @@ class LoRAMixin:
             Folder written by :meth:`save_lora`.
 
         """
-        from safetensors.torch import load_file
-
         path = Path(dir_path)
+        recover_folder(path)
         files = [path / _CONFIG_FILE, path / _WEIGHTS_FILE]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise FileNotFoundError(
                 f"{path} lacks {', '.join(missing)}; pass a folder written by save_lora()."
             )
-        meta = json.loads(files[0].read_text(encoding="utf-8"))
-        if meta.get("format") != _FORMAT or meta.get("format_version") != _FORMAT_VERSION:
-            raise ValueError(
-                f"{files[0]} is not a cellformers LoRA configuration (format {_FORMAT!r}, "
-                f"version {_FORMAT_VERSION})."
-            )
+        meta = _check_lora_meta(read_json(files[0], what="LoRA configuration"), files[0])
         if meta["model_class"] != type(self).__name__:
             raise ValueError(
                 f"The adapters were saved from a {meta['model_class']} model and cannot be loaded "
@@ -324,6 +328,10 @@ class LoRAMixin:
             "targets": tuple(meta["targets"]),
         }
         self._check_lora_architecture(meta["adapted_weights"], config["targets"])
+        tensors = read_safetensors(files[1])
+        head = meta["head"]
+        if head is not None:
+            self._check_lora_head(head)
         if self._lora_fingerprint(list(meta["adapted_weights"])) != meta["base_weights_sha256"]:
             warnings.warn(
                 "The attention weights of this model differ from those the adapters were trained "
@@ -331,24 +339,37 @@ class LoRAMixin:
                 UserWarning,
                 stacklevel=2,
             )
-        tensors = load_file(path / _WEIGHTS_FILE)
-        head = meta.get("head")
-        if head is not None:
-            self._check_lora_head(head)
-        if self.lora_ is not None:
-            remove_lora(self.module)
-        if head is not None and getattr(self.module, "n_labels", 0) == 0:
-            self._prepare_classifier(int(head["n_labels"]))
-        add_lora(self.module, **config)
-        self._load_lora_tensors(tensors)
-        if head is not None:
-            self.finetuned_ = bool(head.get("finetuned", True))
+        with self._restored_on_error():
+            if self.lora_ is not None:
+                remove_lora(self.module)
+            if head is not None and getattr(self.module, "n_labels", 0) == 0:
+                self._prepare_classifier(int(head["n_labels"]))
+            add_lora(self.module, **config)
+            self._load_lora_tensors(tensors, source=files[1])
+            if head is not None:
+                self.finetuned_ = bool(head["finetuned"])
         logger.info(
             "Loaded LoRA adapters for %d attention weights%s from %s.",
             len(meta["adapted_weights"]),
             " and the classification head" if head else "",
             path,
         )
+
+    @contextmanager
+    def _restored_on_error(self) -> Iterator[None]:
+        """Put the network, its adapters and constructor arguments back if the block fails."""
+        module, init_params = self.module, copy.deepcopy(self.init_params_)
+        finetuned, config = self.finetuned_, self.lora_
+        state = {k: v.detach().clone() for k, v in lora_state_dict(module).items()}
+        try:
+            yield
+        except BaseException:
+            self.module, self.init_params_, self.finetuned_ = module, init_params, finetuned
+            remove_lora(module)
+            if config is not None:
+                add_lora(module, **config)
+                self._load_lora_tensors(state)
+            raise
 
     def _check_lora_architecture(self, saved: dict[str, list[int]], targets) -> None:
         here = {k: list(v) for k, v in find_lora_targets(self.module, targets).items()}
@@ -397,9 +418,12 @@ class LoRAMixin:
                 "labels registered; set up the AnnData with the labels_key used in training."
             )
 
-    def _load_lora_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+    def _load_lora_tensors(
+        self, tensors: dict[str, torch.Tensor], *, source: str | os.PathLike = "LoRA weights"
+    ) -> None:
         """Copy adapter (and head) tensors into the module, checking every key and shape."""
         expected = self.module.state_dict()
+        check_weights(tensors, expected, source=source)
         unknown = [k for k in tensors if k not in expected]
         shapes = [
             f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}"
@@ -409,7 +433,7 @@ class LoRAMixin:
         absent = [k for k in lora_state_dict(self.module) if k not in tensors]
         if unknown or shapes or absent:
             raise ValueError(
-                "The saved LoRA weights do not fit this model: "
+                f"{source}: the saved LoRA weights do not fit this model: "
                 + "; ".join(
                     part
                     for part in (
@@ -424,3 +448,48 @@ class LoRAMixin:
         with torch.no_grad():
             for key, value in tensors.items():
                 expected[key].copy_(value)
+
+
+_META_FIELDS = {
+    "rank": "positive int",
+    "alpha": "number",
+    "dropout": "probability",
+}
+
+
+def _check_lora_meta(meta, path: Path) -> dict:
+    """Check every field of a ``lora_config.json``, naming the file and the field."""
+    check_format(meta, path, name=_FORMAT, version=_FORMAT_VERSION)
+    required = ("model_class", *_META_FIELDS, "targets", "adapted_weights", "base_weights_sha256")
+    absent = [k for k in required if k not in meta]
+    if absent:
+        raise ValueError(f"{path} lacks the field(s) {absent}.")
+    check_config_fields(meta, _META_FIELDS, source=path)
+    targets = meta["targets"]
+    if not isinstance(targets, list) or not targets or any(t not in LORA_TARGETS for t in targets):
+        raise ValueError(f"{path}: field 'targets' must list some of {list(LORA_TARGETS)}.")
+    weights = meta["adapted_weights"]
+    if not isinstance(weights, dict) or not all(
+        isinstance(v, list) and all(isinstance(n, int) and n > 0 for n in v)
+        for v in weights.values()
+    ):
+        raise ValueError(f"{path}: field 'adapted_weights' must map weight names to shapes.")
+    if not isinstance(meta["model_class"], str) or not isinstance(meta["base_weights_sha256"], str):
+        raise ValueError(f"{path}: fields 'model_class' and 'base_weights_sha256' must be text.")
+    head = meta.get("head")
+    if head is not None:
+        check_config_fields(head, {"n_labels": "positive int"}, source=f"{path} (head)")
+        labels = head.get("labels")
+        if (
+            "n_labels" not in head
+            or not isinstance(head.get("finetuned", True), bool)
+            or not (
+                labels is None or (isinstance(labels, list) and len(labels) == head["n_labels"])
+            )
+        ):
+            raise ValueError(
+                f"{path}: field 'head' must hold n_labels, finetuned and n_labels label names."
+            )
+        head.setdefault("finetuned", True)
+    meta["head"] = head
+    return meta

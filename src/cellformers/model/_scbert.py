@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -251,6 +251,8 @@ class SCBERT(FoundationModelBase):
         gene_key: str | None = None,
         labels_key: str | None = None,
         batch_key: str | None = None,
+        *,
+        spatial_key: str | None = None,
         **kwargs,
     ):
         """%(summary)s.
@@ -270,12 +272,16 @@ class SCBERT(FoundationModelBase):
             preprocessing does.
         %(param_labels_key)s
         %(param_batch_key)s
+        spatial_key
+            Key of ``adata.obsm`` with each cell's 2-D or 3-D coordinates (``"spatial"`` in
+            squidpy and spatialdata tables); checked (one finite row per cell) and registered.
 
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         cls._register_anndata(
             adata,
             setup_method_args=setup_method_args,
+            spatial_key=spatial_key,
             layer=layer,
             batch_key=batch_key,
             labels_key=labels_key,
@@ -432,84 +438,27 @@ class SCBERT(FoundationModelBase):
         )
 
     # ------------------------------------------------------------------ training
-    def train(
-        self,
-        max_epochs: int | None = None,
-        *,
-        mode: Literal["pretrain", "finetune"] = "pretrain",
-        freeze_layers: int | Literal["all", "official"] = 0,
-        class_weight: str | Mapping[str, float] | None = None,
-        batch_size: int = 8,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        warmup_ratio: float = 0.05,
-        plan_kwargs: dict | None = None,
-        datasplitter_kwargs: dict | None = None,
-        **kwargs,
-    ):
-        """Masked-expression pretraining or cell classification fine-tuning.
-
-        ``mode="pretrain"`` masks, per cell, ``ceil(mlm_probability * n)`` of its ``n``
-        non-zero tokens (90 % become ``[MASK]``, 10 % stay) and learns to predict their
-        expression bins, as ``pretrain.py`` does. ``mode="finetune"`` trains the official
-        classification head on the registered ``labels_key``; a model with the
-        masked-expression head gets a fresh classification head first (the encoder weights are
-        kept), as ``finetune.py`` replaces ``to_out``. Training runs through Lightning, so
-        ``accelerator``, ``devices``, ``strategy``, ``precision`` and ``gradient_clip_val``
-        work as in any scvi-tools model.
-
-        Parameters
-        ----------
-        max_epochs
-            Passes through the data; scvi-tools' heuristic when ``None``.
-        mode
-            ``"pretrain"`` or ``"finetune"``.
-        freeze_layers
-            An integer ``k`` keeps the first ``k`` Performer layers fixed (the embeddings still
-            train); ``"all"`` trains only the head; ``"official"`` trains only what
-            ``finetune.py`` unfreezes: the second-to-last Performer layer, the final norm and
-            the head.
-        class_weight
-            Fine-tuning only: ``"balanced"`` weights each class's cross-entropy by
-            ``n_cells / (n_classes * n_cells_in_class)`` (for imbalanced labels), or a mapping
-            label -> weight (unlisted labels weigh 1).
-        batch_size
-            Cells per minibatch (official: 3 with 60 gradient-accumulation steps).
-        lr
-            Peak learning rate (official Adam, 1e-4).
-        weight_decay
-            AdamW weight decay (official: none).
-        warmup_ratio
-            Fraction of steps used for linear warm-up before cosine decay.
-        plan_kwargs
-            Other :class:`~cellformers.train.PretrainingPlan` arguments.
-        datasplitter_kwargs
-            Passed to scvi-tools' ``DataSplitter`` (e.g. ``num_workers``).
-        **kwargs
-            Passed to :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` and Lightning's
-            ``Trainer`` (``train_size``, ``accelerator``, ``accumulate_grad_batches`` …).
-            With ``early_stopping=True`` fine-tuning stops when the validation macro-F1
-            (``macro_f1_validation``) stops improving. ``batch_adversarial=w``
-            also trains an adversarial batch discriminator on the cell embedding with
-            weight ``w`` (batch removal for integration; needs ``batch_key``).
-
-        """
-        plan_kwargs = {
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "warmup_ratio": warmup_ratio,
-            **(plan_kwargs or {}),
-        }
-        return self._run_training(
-            mode=mode,
-            freeze_layers=freeze_layers,
-            class_weight=class_weight,
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            plan_kwargs=plan_kwargs,
-            datasplitter_kwargs=datasplitter_kwargs,
-            **kwargs,
-        )
+    _train_summary = "Masked-expression pretraining or cell classification fine-tuning."
+    _train_notes = """
+    ``mode="pretrain"`` masks, per cell, ``ceil(mlm_probability * n)`` of its ``n``
+    non-zero tokens (90 % become ``[MASK]``, 10 % stay) and learns to predict their
+    expression bins, as ``pretrain.py`` does. ``mode="finetune"`` trains the official
+    classification head on the registered ``labels_key``; a model with the
+    masked-expression head gets a fresh classification head first (the encoder weights are
+    kept), as ``finetune.py`` replaces ``to_out``. The official recipe uses Adam at 1e-4
+    without weight decay and batches of 3 with 60 gradient-accumulation steps
+    (``trainer_kwargs={"accumulate_grad_batches": 60}``).
+    """
+    _train_official_freeze = (
+        '; ``"official"`` trains only what ``finetune.py`` unfreezes: the second-to-last '
+        "Performer layer, the final norm and the head"
+    )
+    _train_defaults: ClassVar[dict[str, Any]] = {
+        "batch_size": 8,
+        "lr": 1e-4,
+        "weight_decay": 0.0,
+        "warmup_ratio": 0.05,
+    }
 
     def _backbone_layers(self):
         return self.module.performer.net.layers

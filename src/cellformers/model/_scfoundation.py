@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -353,6 +353,8 @@ class SCFoundation(FoundationModelBase):
         total_counts_key: str | None = None,
         perturbation_key: str | None = None,
         control_label: str | None = None,
+        *,
+        spatial_key: str | None = None,
         **kwargs,
     ):
         """%(summary)s.
@@ -392,6 +394,9 @@ class SCFoundation(FoundationModelBase):
         control_label
             Label of the unperturbed (control) cells in ``adata.obs[perturbation_key]``, e.g.
             ``"non-targeting"``; required with ``perturbation_key``.
+        spatial_key
+            Key of ``adata.obsm`` with each cell's 2-D or 3-D coordinates (``"spatial"`` in
+            squidpy and spatialdata tables); checked (one finite row per cell) and registered.
 
         """
         if pre_normalized not in ("F", "T", "A"):
@@ -429,6 +434,7 @@ class SCFoundation(FoundationModelBase):
         cls._register_anndata(
             adata,
             setup_method_args=setup_method_args,
+            spatial_key=spatial_key,
             layer=layer,
             batch_key=batch_key,
             labels_key=labels_key,
@@ -698,144 +704,93 @@ class SCFoundation(FoundationModelBase):
         self._model_summary_string += ", perturbation flags"
 
     # ------------------------------------------------------------------ training
-    def train(
+    _train_summary = (
+        "Read-depth-aware masked pretraining (RDA), cell-type annotation fine-tuning, or "
+        "perturbation-response training."
+    )
+    _train_notes = """
+    ``mode="pretrain"``: every minibatch cell is randomly down-sampled (binomial thinning
+    of its reads) for a fraction of cells, normalised, and a part of its expressed and of
+    its zero genes is masked; the encoder reads the unmasked expressed genes with S (the
+    input depth) and T (the original depth), the decoder predicts the full-depth normalised
+    expression of every gene, and the loss is the mean squared error at the masked genes
+    (:meth:`~cellformers.module.SCFoundationModule.corrupt`). It needs raw single-cell
+    counts. In pretraining the decoder reads every gene of the list for every cell, so
+    minibatches are small.
+
+    ``mode="finetune"``: the classification head (batch norm and a two-layer MLP on the
+    max-pooled gene states of the encoder, as the official fine-tuning example) is trained
+    with cross-entropy on the registered ``labels_key``; the decoder is not used. A model
+    without a head gets a fresh one first.
+
+    ``mode="perturbation"`` (scGPT's perturbation recipe on this network, needs a
+    registered ``perturbation_key``): every minibatch cell of a training perturbation is a
+    target, paired with a control cell drawn at random (so ``scvi.settings.seed`` fixes the
+    pairing) from the registered control cells among the training cells. The control cell
+    is the input, tokenized as usual with ``T = S``; the perturbation flags (scGPT's
+    ``pert_encoder``, added by :class:`~cellformers.module.SCFoundationModule` to the
+    encoder tokens and to the decoder input, see
+    :meth:`~cellformers.module.SCFoundationModule.decode`) are set on the genes the target
+    cell's perturbation targets; the loss is the mean squared error between the predicted
+    and the target cell's normalised expression (``log1p`` of counts per 10,000, as the
+    input) over every gene of the list that the data measure. Control cells are targets
+    too, each paired with another control and no flag, so the model also learns the
+    unperturbed response. A model without the flag embedding gets one first (the rest of
+    the network is kept). ``train_size``/``validation_size`` split the selected cells (not
+    all cells); ``freeze_layers`` is a number of encoder layers. See
+    :meth:`predict_perturbation`.
+    """
+    _train_official_freeze = (
+        '; ``"official"`` trains only what the official example unfreezes: the '
+        "second-to-last encoder layer and the head (both fine-tuning only)"
+    )
+    _train_extra_kwargs = (
+        "; perturbation training also reads ``train_perturbations`` (the perturbations to "
+        "learn from, labels of the registered ``perturbation_key``; every registered one by "
+        "default: only their cells and the control cells are used, so held-out perturbations "
+        "stay unseen) and ``indices`` (the cells that may be used, positions or boolean mask; "
+        "all by default)"
+    )
+    _modes = ("pretrain", "finetune", "perturbation")
+    _train_defaults: ClassVar[dict[str, Any]] = {
+        "batch_size": 8,
+        "lr": 1e-4,
+        "weight_decay": 0.0,
+        "warmup_ratio": 0.05,
+    }
+
+    def _train(
         self,
-        max_epochs: int | None = None,
         *,
-        mode: Literal["pretrain", "finetune", "perturbation"] = "pretrain",
-        freeze_layers: int | Literal["all", "official"] = 0,
-        class_weight: str | Mapping[str, float] | None = None,
+        mode: str,
         train_perturbations: Sequence[str] | None = None,
         indices: Sequence[int] | np.ndarray | None = None,
-        batch_size: int = 8,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        warmup_ratio: float = 0.05,
-        plan_kwargs: dict | None = None,
-        datasplitter_kwargs: dict | None = None,
         **kwargs,
     ):
-        """Read-depth-aware masked pretraining (RDA), cell-type annotation fine-tuning, or perturbation-response training.
-
-        ``mode="pretrain"``: every minibatch cell is randomly down-sampled (binomial thinning
-        of its reads) for a fraction of cells, normalised, and a part of its expressed and of
-        its zero genes is masked; the encoder reads the unmasked expressed genes with S (the
-        input depth) and T (the original depth), the decoder predicts the full-depth normalised
-        expression of every gene, and the loss is the mean squared error at the masked genes
-        (:meth:`~cellformers.module.SCFoundationModule.corrupt`). It needs raw single-cell
-        counts.
-
-        ``mode="finetune"``: the classification head (batch norm and a two-layer MLP on the
-        max-pooled gene states of the encoder, as the official fine-tuning example) is trained
-        with cross-entropy on the registered ``labels_key``; the decoder is not used. A model
-        without a head gets a fresh one first.
-
-        ``mode="perturbation"`` (scGPT's perturbation recipe on this network, needs a
-        registered ``perturbation_key``): every minibatch cell of a training perturbation is a
-        target, paired with a control cell drawn at random (torch's generator, so
-        ``scvi.settings.seed`` fixes the pairing) from the registered control cells among the
-        training cells. The control cell is the input, tokenized as usual with ``T = S``; the
-        perturbation flags (scGPT's ``pert_encoder``, added by
-        :class:`~cellformers.module.SCFoundationModule` to the encoder tokens and to the
-        decoder input, see :meth:`~cellformers.module.SCFoundationModule.decode`) are set on
-        the genes the target cell's perturbation targets; the loss is the mean squared error
-        between the predicted and the target cell's normalised expression (``log1p`` of counts
-        per 10,000, as the input) over every gene of the list that the data measure. Control
-        cells are targets too, each paired with another control and no flag, so the model
-        also learns the unperturbed response. A model without the flag embedding gets one
-        first (the rest of the network is kept). See :meth:`predict_perturbation`.
-
-        Training runs through Lightning, so ``accelerator``, ``devices``, ``strategy`` and
-        ``precision`` work as in any scvi-tools model. In perturbation training
-        ``train_size``/``validation_size`` split the selected cells (not all cells).
-
-        Parameters
-        ----------
-        max_epochs
-            Passes through the data; scvi-tools' heuristic when ``None``.
-        mode
-            ``"pretrain"``, ``"finetune"`` or ``"perturbation"``.
-        freeze_layers
-            Keep the first ``freeze_layers`` encoder layers fixed (the embeddings still
-            train); ``"all"`` trains only the classification head; ``"official"`` trains only
-            what the official example unfreezes: the second-to-last encoder layer and the
-            head (both fine-tuning only).
-        class_weight
-            Fine-tuning only: ``"balanced"`` weights each class's cross-entropy by
-            ``n_cells / (n_classes * n_cells_in_class)``, or a mapping label -> weight.
-        train_perturbations
-            Perturbation training only: the perturbations to learn from (labels of the
-            registered ``perturbation_key``); by default every registered perturbation. Only
-            their cells and the control cells are used, so held-out perturbations stay unseen.
-        indices
-            Perturbation training only: the cells that may be used (positions or boolean
-            mask); all by default.
-        batch_size
-            Cells per minibatch (in pretraining the decoder reads every gene of the list for
-            every cell).
-        lr
-            Peak learning rate of AdamW (official pretraining 1e-4).
-        weight_decay
-            AdamW weight decay (official: none).
-        warmup_ratio
-            Fraction of steps used for linear warm-up before the decay.
-        plan_kwargs
-            Other :class:`~cellformers.train.PretrainingPlan` arguments.
-        datasplitter_kwargs
-            Passed to scvi-tools' ``DataSplitter`` (e.g. ``num_workers``).
-        **kwargs
-            Passed to :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` and Lightning's
-            ``Trainer`` (``train_size``, ``accelerator``, ``max_time`` …). With
-            ``early_stopping=True`` fine-tuning stops when the validation macro-F1
-            (``macro_f1_validation``) stops improving. ``batch_adversarial=w``
-            also trains an adversarial batch discriminator on the cell embedding with
-            weight ``w`` (batch removal for integration; needs ``batch_key``).
-
-        """
-        if mode != "perturbation" and (train_perturbations is not None or indices is not None):
-            raise ValueError("train_perturbations and indices apply to mode='perturbation'.")
-        if mode == "perturbation":
-            if class_weight is not None:
-                raise ValueError("class_weight applies to fine-tuning (mode='finetune').")
-            if isinstance(freeze_layers, str):
+        if mode != "perturbation":
+            if train_perturbations is not None or indices is not None:
+                raise ValueError("train_perturbations and indices apply to mode='perturbation'.")
+            if mode == "pretrain" and (
+                (self._setup_arg(self.adata, "pre_normalized") or "F") != "F"
+                or (self._setup_arg(self.adata, "input_type") or "singlecell") != "singlecell"
+            ):
                 raise ValueError(
-                    "In perturbation training freeze_layers is a number of encoder layers to "
-                    f"keep fixed, got {freeze_layers!r}."
+                    "Read-depth-aware pretraining down-samples reads, so it needs raw "
+                    "single-cell counts: set up the AnnData with pre_normalized='F' and "
+                    "input_type='singlecell'."
                 )
-        if mode == "pretrain" and (
-            (self._setup_arg(self.adata, "pre_normalized") or "F") != "F"
-            or (self._setup_arg(self.adata, "input_type") or "singlecell") != "singlecell"
-        ):
+            return super()._train(mode=mode, **kwargs)
+        if kwargs.pop("class_weight") is not None:
+            raise ValueError("class_weight applies to fine-tuning (mode='finetune').")
+        if kwargs.pop("batch_adversarial"):
+            raise ValueError("batch_adversarial applies to pretraining and fine-tuning.")
+        if isinstance(kwargs["freeze_layers"], str):
             raise ValueError(
-                "Read-depth-aware pretraining down-samples reads, so it needs raw single-cell "
-                "counts: set up the AnnData with pre_normalized='F' and input_type='singlecell'."
+                "In perturbation training freeze_layers is a number of encoder layers to "
+                f"keep fixed, got {kwargs['freeze_layers']!r}."
             )
-        plan_kwargs = {
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "warmup_ratio": warmup_ratio,
-            **(plan_kwargs or {}),
-        }
-        if mode == "perturbation":
-            return self._train_perturbation(
-                train_perturbations=train_perturbations,
-                indices=indices,
-                freeze_layers=freeze_layers,
-                max_epochs=max_epochs,
-                batch_size=batch_size,
-                plan_kwargs=plan_kwargs,
-                datasplitter_kwargs=datasplitter_kwargs,
-                **kwargs,
-            )
-        return self._run_training(
-            mode=mode,
-            freeze_layers=freeze_layers,
-            class_weight=class_weight,
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            plan_kwargs=plan_kwargs,
-            datasplitter_kwargs=datasplitter_kwargs,
-            **kwargs,
+        return self._train_perturbation(
+            train_perturbations=train_perturbations, indices=indices, **kwargs
         )
 
     def _perturbation_training_cells(
@@ -1088,7 +1043,7 @@ class SCFoundation(FoundationModelBase):
             pred = self.module.predict_expression(t["values"], t["positions"], t["lengths"])
             return pred[:, index.to(pred.device)]
 
-        return predict, adata.var_names[columns]
+        return predict, self._rna(adata).var_names[columns]
 
     def get_normalized_expression(
         self,
@@ -1139,7 +1094,8 @@ class SCFoundation(FoundationModelBase):
         if all_genes:
             return pd.DataFrame(pred, index=obs_names, columns=pd.Index(self.gene_list))
         columns, positions = self._genes_in_data(adata)
-        return pd.DataFrame(pred[:, positions], index=obs_names, columns=adata.var_names[columns])
+        var_names = self._rna(adata).var_names[columns]
+        return pd.DataFrame(pred[:, positions], index=obs_names, columns=var_names)
 
     def predict_perturbation(
         self,
@@ -1243,7 +1199,7 @@ class SCFoundation(FoundationModelBase):
             },
             index=pd.Index(names),
         )
-        out = AnnData(X=X, obs=obs, var=adata.var.iloc[columns].copy())
+        out = AnnData(X=X, obs=obs, var=self._rna(adata).var.iloc[columns].copy())
         out.uns["predict_perturbation"] = {
             "perturbation_key": key,
             "control_label": control,
@@ -1300,6 +1256,6 @@ class SCFoundation(FoundationModelBase):
             target_depth=target_depth,
             reduce=True,
         )  # [matched genes, dim], summed over cells
-        out = np.full((adata.n_vars, total.shape[-1]), np.nan, dtype=np.float32)
+        out = np.full((self._rna(adata).n_vars, total.shape[-1]), np.nan, dtype=np.float32)
         out[columns] = total / len(idx)
         return out

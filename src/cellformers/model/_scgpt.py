@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 from uuid import uuid4
@@ -331,6 +331,8 @@ class SCGPT(FoundationModelBase):
         labels_key: str | None = None,
         gene_key: str | None = None,
         is_count_data: bool = True,
+        *,
+        spatial_key: str | None = None,
         **kwargs,
     ):
         """%(summary)s.
@@ -352,12 +354,16 @@ class SCGPT(FoundationModelBase):
             Require raw integer counts. scGPT's per-cell quantile binning depends only on each
             cell's ranking of genes, so normalised or log-transformed values give the same tokens;
             set ``False`` to pass them.
+        spatial_key
+            Key of ``adata.obsm`` with each cell's 2-D or 3-D coordinates (``"spatial"`` in
+            squidpy and spatialdata tables); checked (one finite row per cell) and registered.
 
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         cls._register_anndata(
             adata,
             setup_method_args=setup_method_args,
+            spatial_key=spatial_key,
             layer=layer,
             batch_key=batch_key,
             labels_key=labels_key,
@@ -529,82 +535,43 @@ class SCGPT(FoundationModelBase):
             )
 
     # ------------------------------------------------------------------ training
-    def train(
-        self,
-        max_epochs: int | None = None,
-        *,
-        mode: Literal["pretrain", "finetune"] = "pretrain",
-        freeze_layers: int | Literal["all"] = 0,
-        class_weight: str | Mapping[str, float] | None = None,
-        batch_size: int = 32,
-        lr: float = 1e-4,
-        warmup_ratio: float = 0.1,
-        plan_kwargs: dict | None = None,
-        datasplitter_kwargs: dict | None = None,
-        **kwargs,
-    ):
-        """Masked value pretraining (and MVC) with the integration terms, or annotation fine-tuning.
+    _train_summary = (
+        "Masked value pretraining (and MVC) with the integration terms, or annotation fine-tuning."
+    )
+    _train_notes = """
+    Each cell is tokenized on the fly (a new random gene subset each epoch for cells longer
+    than ``max_seq_len``). ``mode="pretrain"`` masks ``mask_ratio`` of each cell's gene
+    tokens with ``mask_value`` and learns to predict their binned values from the rest
+    (expression decoder) and from the cell embedding (MVC decoder). ``mode="finetune"``
+    trains the classification head on the ``<cls>`` embedding with cross-entropy on the
+    registered ``labels_key``, without masking (the official annotation recipe, ``CLS``
+    objective only); a model without a head gets a fresh one first. The official per-epoch
+    decay is ``plan_kwargs={"lr_schedule": "step", "step_gamma": 0.9}``.
 
-        Each cell is tokenized on the fly (a new random gene subset each epoch for cells longer
-        than ``max_seq_len``). ``mode="pretrain"`` masks ``mask_ratio`` of each cell's gene
-        tokens with ``mask_value`` and learns to predict their binned values from the rest
-        (expression decoder) and from the cell embedding (MVC decoder). ``mode="finetune"``
-        trains the classification head on the ``<cls>`` embedding with cross-entropy on the
-        registered ``labels_key``, without masking (the official annotation recipe, ``CLS``
-        objective only); a model without a head gets a fresh one first. Training runs through
-        Lightning, so ``accelerator``, ``devices``, ``strategy`` and ``precision`` work as in
-        any scvi-tools model.
+    A model built with the integration options trains them with ``mode="pretrain"`` (on
+    pretrained weights, this is scGPT's integration fine-tuning): the masked value losses
+    with decoders conditioned on the batch embedding, DSBN, ECS and the adversarial batch
+    discriminator, each minibatch's cells using their own batch labels (scGPT's recipe
+    draws one batch label per minibatch because its DSBN normalises a minibatch with its
+    first cell's label; here each cell is normalised with its own label's statistics, so
+    mixed minibatches are fine). A query model from :meth:`load_query_data` trains only
+    the parameters of its new batch labels, with AdamW's weight decay off (its default
+    there) so that the reference rows stay bit-identical.
+    """
 
-        A model built with the integration options trains them with ``mode="pretrain"`` (on
-        pretrained weights, this is scGPT's integration fine-tuning): the masked value losses
-        with decoders conditioned on the batch embedding, DSBN, ECS and the adversarial batch
-        discriminator, each minibatch's cells using their own batch labels (scGPT's recipe
-        draws one batch label per minibatch because its DSBN normalises a minibatch with its
-        first cell's label; here each cell is normalised with its own label's statistics, so
-        mixed minibatches are fine). A query model from :meth:`load_query_data` trains only
-        the parameters of its new batch labels, with AdamW's weight decay off so that the
-        reference rows stay bit-identical.
+    def _train_default(self, name: str, value, mode: str):
+        if name == "weight_decay" and value is None and self._query_hooks:
+            return 0.0
+        return super()._train_default(name, value, mode)
 
-        Parameters
-        ----------
-        max_epochs
-            Passes through the data; scvi-tools' heuristic when ``None``.
-        mode
-            ``"pretrain"`` or ``"finetune"``.
-        freeze_layers
-            Keep the first ``freeze_layers`` transformer layers fixed (the embeddings still
-            train); ``"all"`` trains only the classification head.
-        class_weight
-            Fine-tuning only: ``"balanced"`` weights each class's cross-entropy by
-            ``n_cells / (n_classes * n_cells_in_class)``, or a mapping label -> weight.
-        batch_size
-            Cells per minibatch.
-        lr
-            Peak learning rate of AdamW.
-        warmup_ratio
-            Fraction of steps used for linear warm-up before the decay.
-        plan_kwargs
-            Other :class:`~cellformers.train.PretrainingPlan` arguments (e.g.
-            ``lr_schedule="step"`` for the official per-epoch decay, ``step_gamma=0.9``).
-        datasplitter_kwargs
-            Passed to scvi-tools' ``DataSplitter`` (e.g. ``num_workers``).
-        **kwargs
-            Passed to :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` and Lightning's
-            ``Trainer`` (``train_size``, ``accelerator``, ``max_time`` …). With
-            ``early_stopping=True`` fine-tuning stops when the validation macro-F1
-            (``macro_f1_validation``) stops improving. ``batch_adversarial=w``
-            also trains an adversarial batch discriminator on the cell embedding with
-            weight ``w`` (batch removal for integration; needs ``batch_key``).
-
-        """
-        plan_kwargs = {"lr": lr, "warmup_ratio": warmup_ratio, **(plan_kwargs or {})}
+    def _train(self, *, mode: str, **kwargs):
         if self._query_hooks:
             if mode != "pretrain":
                 raise ValueError(
                     "A query model from load_query_data trains only its new batch parameters "
                     "(mode='pretrain')."
                 )
-            if plan_kwargs.setdefault("weight_decay", 0.0) != 0.0:
+            if kwargs["plan_kwargs"]["weight_decay"] != 0.0:
                 raise ValueError(
                     "A query model trains with weight_decay=0: AdamW's decay would also move "
                     "the frozen reference rows of the batch parameters."
@@ -621,16 +588,7 @@ class SCGPT(FoundationModelBase):
         if pretrained:
             self.is_trained_ = False
         try:
-            return self._run_training(
-                mode=mode,
-                freeze_layers=freeze_layers,
-                class_weight=class_weight,
-                max_epochs=max_epochs,
-                batch_size=batch_size,
-                plan_kwargs=plan_kwargs,
-                datasplitter_kwargs=datasplitter_kwargs,
-                **kwargs,
-            )
+            return super()._train(mode=mode, **kwargs)
         finally:
             if pretrained:
                 self.is_trained_ = True
@@ -757,7 +715,7 @@ class SCGPT(FoundationModelBase):
             out[keep.nonzero(as_tuple=True)[0], where[keep]] = pred[keep]
             return out
 
-        return predict, adata.var_names[cols]
+        return predict, self._rna(adata).var_names[cols]
 
     # ------------------------------------------------------------------ query mapping
     @classmethod

@@ -20,6 +20,15 @@ from typing import Any
 
 import torch
 
+from .._io import (
+    atomic_write,
+    check_config_fields,
+    check_weights,
+    file_inside,
+    read_json,
+    read_safetensors,
+    read_torch_file,
+)
 from ._utils import compare_keys, raise_key_mismatch
 
 logger = logging.getLogger(__name__)
@@ -196,10 +205,7 @@ def read_geneformer_checkpoint(path: str | os.PathLike) -> GeneformerCheckpoint:
             f"Geneformer checkpoint folder {folder} lacks {CONFIG_FILE} (it holds: "
             f"{', '.join(present) or 'nothing'}). Download the whole model folder."
         )
-    try:
-        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{folder / CONFIG_FILE} is not valid JSON: {e}") from e
+    config = read_json(folder / CONFIG_FILE, what="Geneformer configuration")
     if not isinstance(config, dict):
         raise ValueError(f"{folder / CONFIG_FILE} must hold a JSON object (a BertConfig).")
     geneformer_module_kwargs(config)  # validate before reading the weights
@@ -222,25 +228,31 @@ def read_geneformer_checkpoint(path: str | os.PathLike) -> GeneformerCheckpoint:
 
 def _read_weights(folder: Path, present: list[str]) -> dict[str, torch.Tensor]:
     if SAFETENSORS_FILE in present:
-        return _load_safetensors(folder / SAFETENSORS_FILE)
+        return read_safetensors(folder / SAFETENSORS_FILE)
     if PYTORCH_FILE in present:
         return _load_bin(folder / PYTORCH_FILE)
     for index_name, loader in (
-        (SAFETENSORS_FILE + ".index.json", _load_safetensors),
+        (SAFETENSORS_FILE + ".index.json", read_safetensors),
         (PYTORCH_FILE + ".index.json", _load_bin),
     ):
         if index_name in present:
-            index = json.loads((folder / index_name).read_text(encoding="utf-8"))
-            shards = sorted(set(index.get("weight_map", {}).values()))
-            absent = [s for s in shards if not (folder / s).is_file()]
-            if not shards or absent:
+            index_file = folder / index_name
+            index = read_json(index_file, what="weight index")
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ValueError(f"{index_file}: field 'weight_map' is missing or empty.")
+            shards = sorted(
+                {file_inside(folder, s, source=index_file) for s in weight_map.values()}
+            )
+            absent = [s.name for s in shards if not s.is_file()]
+            if absent:
                 raise FileNotFoundError(
-                    f"{folder / index_name} lists weight shards that are not in the folder: "
-                    f"{', '.join(absent) or '(none listed)'}."
+                    f"{index_file} lists weight shards that are not in the folder: "
+                    f"{', '.join(absent)}."
                 )
             out: dict[str, torch.Tensor] = {}
             for shard in shards:
-                out.update(loader(folder / shard))
+                out.update(loader(shard))
             return out
     raise FileNotFoundError(
         f"Geneformer checkpoint folder {folder} holds no weights: expected {SAFETENSORS_FILE} or "
@@ -249,25 +261,8 @@ def _read_weights(folder: Path, present: list[str]) -> dict[str, torch.Tensor]:
     )
 
 
-def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(file, device="cpu")
-    except Exception as e:
-        raise RuntimeError(
-            f"Could not read {file} as safetensors ({e}). Is it a Git LFS pointer instead of the "
-            "weights?"
-        ) from e
-
-
 def _load_bin(file: Path) -> dict[str, torch.Tensor]:
-    try:
-        raw = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RuntimeError(
-            f"Could not read {file} as a plain state dict with torch.load(weights_only=True): {e}"
-        ) from e
+    raw = read_torch_file(file)
     if not isinstance(raw, Mapping) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
         raise ValueError(f"{file} does not hold a plain state dict of tensors.")
     return dict(raw)
@@ -302,6 +297,29 @@ def _config_n_labels(config: Mapping[str, Any]) -> int | None:
     if "num_labels" in config:
         return int(config["num_labels"])
     return None
+
+
+_CONFIG_FIELDS = {
+    **dict.fromkeys(
+        (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+        ),
+        "positive int",
+    ),
+    "type_vocab_size": "non-negative int",
+    "pad_token_id": "non-negative int",
+    "num_labels": "positive int",
+    "initializer_range": "number",
+    "classifier_dropout": "probability",
+    "hidden_dropout_prob": "probability",
+    "attention_probs_dropout_prob": "probability",
+    "layer_norm_eps": "positive number",
+}
 
 
 def geneformer_module_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -349,6 +367,7 @@ def geneformer_module_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
     if "vocab_size" not in config:
         raise KeyError("config.json lacks 'vocab_size'; is it a Geneformer (BERT) config?")
     settings = {**_BERT_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
+    check_config_fields(settings, _CONFIG_FIELDS, source=CONFIG_FILE)
     if "classifier_dropout" in config:
         settings["classifier_dropout"] = config["classifier_dropout"]
     problems = []
@@ -599,6 +618,7 @@ def load_geneformer_state_dict(
             blocks.setdefault(key, [None, None, None])[block] = given[hf]
     for key, parts in blocks.items():
         new[key] = torch.cat(parts, dim=0)
+    check_weights(new, module.state_dict(), source="The Geneformer weights")
     module.load_state_dict(new, strict=True)
     for what in kept_heads:
         logger.info(
@@ -661,22 +681,28 @@ def save_geneformer_checkpoint(
     module: torch.nn.Module,
     path: str | os.PathLike,
     config_extra: Mapping[str, Any] | None = None,
+    *,
+    json_files: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a module as a Hugging Face checkpoint folder (``config.json`` + ``model.safetensors``).
 
     The folder loads with ``transformers``' ``BertForMaskedLM.from_pretrained`` (or
     ``BertForSequenceClassification.from_pretrained`` for a module with a classifier) and with
-    :func:`read_geneformer_checkpoint`.
+    :func:`read_geneformer_checkpoint`. It is written next to ``path`` and then takes its
+    place as a whole, so an interrupted write leaves the previous folder intact.
 
     Parameters
     ----------
     module
         A :class:`~cellformers.module.GeneformerModule`.
     path
-        Folder to write (created if needed; existing files of the same names are replaced).
+        Folder to write (created if needed; an existing folder is replaced).
     config_extra
         Entries added to (or replacing) those of :func:`geneformer_hf_config`, e.g. label
         names in ``id2label``/``label2id``.
+    json_files
+        Further files to write into the folder: file name -> JSON content (e.g. the token
+        dictionary).
 
     Returns
     -------
@@ -685,14 +711,16 @@ def save_geneformer_checkpoint(
     """
     from safetensors.torch import save_file
 
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
     config = geneformer_hf_config(module)
     if config_extra:
         config.update(config_extra)
     tensors = {k: v.contiguous() for k, v in geneformer_state_dict_to_hf(module).items()}
-    save_file(tensors, folder / SAFETENSORS_FILE, metadata={"format": "pt"})
-    (folder / CONFIG_FILE).write_text(
-        json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
-    )
-    return folder
+    files = {CONFIG_FILE: config, **(json_files or {})}
+    with atomic_write(path, overwrite=True) as tmp:
+        save_file(tensors, tmp / SAFETENSORS_FILE, metadata={"format": "pt"})
+        for name, content in files.items():
+            style = {"indent": 2, "sort_keys": True} if name == CONFIG_FILE else {}
+            file_inside(tmp, name, source="json_files").write_text(
+                json.dumps(content, **style) + "\n", encoding="utf-8"
+            )
+    return Path(path)

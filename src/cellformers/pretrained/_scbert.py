@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .._io import check_weights, read_torch_file
 from ._utils import compare_keys, raise_key_mismatch
 
 logger = logging.getLogger(__name__)
@@ -95,13 +96,7 @@ def read_scbert_checkpoint(path: str | os.PathLike) -> ScBERTCheckpoint:
             f"scBERT checkpoint {file} does not exist (expected a .pth file such as "
             "panglao_pretrain.pth)."
         )
-    try:
-        raw = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RuntimeError(
-            f"Could not read {file} with torch.load(weights_only=True): {e}. scBERT checkpoints "
-            "are torch.save dicts of tensors and plain values."
-        ) from e
+    raw = read_torch_file(file)
     if not isinstance(raw, Mapping):
         raise ValueError(f"{file} holds a {type(raw).__name__}, not a checkpoint dict.")
     epoch = None
@@ -377,6 +372,7 @@ def load_scbert_state_dict(
     if missing or unexpected or mismatched:
         hints = _explain(module, missing, unexpected, mismatched)
         raise_key_mismatch("scBERT", module, missing, unexpected, mismatched, hints)
+    check_weights(given, module.state_dict(), source="The scBERT weights")
     module.load_state_dict(given, strict=True)
     if kept_head:
         logger.info(

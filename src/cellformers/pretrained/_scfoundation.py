@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import re
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._io import atomic_write, check_config_fields, check_weights, read_torch_file
 from ..nn._performer import default_nb_features
 from ._utils import compare_keys, raise_key_mismatch
 
@@ -112,23 +112,6 @@ class ScFoundationCheckpoint:
 
 
 # ---------------------------------------------------------------------------------- reading
-def _torch_load(file: Path) -> Any:
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        reason = next((ln for ln in lines if "Unsupported global" in ln), lines[0] if lines else "")
-        reason = reason.removeprefix("WeightsUnpickler error: ").split(" Please use")[0]
-        raise RuntimeError(
-            f"{file} holds Python objects that torch.load(weights_only=True) refuses to "
-            f"unpickle ({reason}). cellformers never unpickles arbitrary code; re-save the checkpoint "
-            "with plain dicts, lists, numbers, strings and tensors (e.g. convert its config to a "
-            "dict) and read that file."
-        ) from e
-    except Exception as e:
-        raise RuntimeError(f"Could not read {file} with torch.load(weights_only=True): {e}") from e
-
-
 def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
@@ -207,7 +190,7 @@ def read_scfoundation_checkpoint(
         raise FileNotFoundError(
             f"scFoundation checkpoint {file} does not exist (expected a file such as models.ckpt)."
         )
-    raw = _torch_load(file)
+    raw = read_torch_file(file)
     if not isinstance(raw, Mapping):
         raise ValueError(f"{file} holds a {type(raw).__name__}, not a checkpoint dict.")
     if any(v in raw for v in VERSIONS) and not _is_state_dict(raw):
@@ -306,6 +289,16 @@ def _config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str,
     }
 
 
+_PART_FIELDS = {
+    **dict.fromkeys(
+        ("hidden_dim", "depth", "heads", "dim_feedforward", "ff_mult", "dim_head", "nb_features"),
+        "positive int",
+    ),
+    **dict.fromkeys(("dropout", "ff_dropout", "attn_dropout"), "probability"),
+    "layer_norm_eps": "positive number",
+}
+
+
 def scfoundation_module_kwargs(config: Mapping[str, Any], **overrides: Any) -> dict[str, Any]:
     """Keyword arguments of :class:`~cellformers.module.SCFoundationModule` from a checkpoint config.
 
@@ -348,6 +341,25 @@ def scfoundation_module_kwargs(config: Mapping[str, Any], **overrides: Any) -> d
     seq_len = flat.get("seq_len", flat.get("gene_num"))
     if seq_len is None:
         raise KeyError("The scFoundation config has no 'seq_len' (n_genes + 2).")
+    source = "The scFoundation config"
+    check_config_fields(
+        {"seq_len": seq_len, **{k: flat.get(k) for k in ("bin_num", "bin_alpha")}},
+        {"seq_len": "positive int", "bin_num": "positive int", "bin_alpha": "number"},
+        source=source,
+    )
+    for part, fields, needed in (
+        ("encoder", enc, ("hidden_dim", "depth")),
+        ("decoder", dec, ("hidden_dim", "depth", "heads")),
+    ):
+        absent = [k for k in needed if fields.get(k) is None]
+        if absent:
+            raise KeyError(f"{source} lacks {part} settings {absent}.")
+        check_config_fields(fields, _PART_FIELDS, source=f"{source} ({part} settings)")
+    if enc.get("heads") is not None and enc["hidden_dim"] % enc["heads"]:
+        raise ValueError(
+            f"{source}: encoder hidden_dim {enc['hidden_dim']} is not divisible by heads "
+            f"{enc['heads']}."
+        )
     enc_dim = int(enc["hidden_dim"])
     kwargs: dict[str, Any] = {
         "n_genes": int(seq_len) - 2,
@@ -539,6 +551,7 @@ def load_scfoundation_state_dict(
             mismatched,
             hints,
         )
+    check_weights(given, module.state_dict(), source="The scFoundation weights")
     module.load_state_dict(given, strict=not head_only)
     return module
 
@@ -687,7 +700,8 @@ def save_scfoundation_checkpoint(
         if config:
             flat.update(config)
         out[version] = {"config": _nest(flat), "state_dict": cache[id(module)]}
-    file = Path(path)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(out, file)
-    return file
+    with atomic_write(
+        path, folder=False, overwrite=True
+    ) as tmp:  # an interrupted write leaves the previous file
+        torch.save(out, tmp)
+    return Path(path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -14,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .._io import check_config_fields, check_weights, read_json, read_torch_file
 from ..genes import GeneVocab
 
 logger = logging.getLogger(__name__)
@@ -32,6 +32,12 @@ _RENAMES: tuple[tuple[str, str], ...] = (
 _UNUSED_KEYS: frozenset[str] = frozenset({"flag_encoder.weight"})
 
 #: args.json key -> SCGPTModule keyword.
+_ARGS_FIELDS = {
+    **dict.fromkeys(("embsize", "nheads", "d_hid", "nlayers", "n_bins"), "positive int"),
+    "dropout": "probability",
+    "pad_value": "number",
+    "mask_value": "number",
+}
 _ARGS_TO_MODULE: tuple[tuple[str, str], ...] = (
     ("embsize", "d_model"),
     ("nheads", "nhead"),
@@ -114,20 +120,12 @@ def read_scgpt_checkpoint(folder: str | os.PathLike) -> ScGPTCheckpoint:
             f"(it holds: {', '.join(present) or 'nothing'}). An official folder holds "
             f"{', '.join(SCGPT_FILES)}."
         )
-    with (folder / "args.json").open(encoding="utf-8") as f:
-        args = json.load(f)
-    if not isinstance(args, dict):
-        raise ValueError(f"{folder / 'args.json'} must hold a JSON object of training arguments.")
+    args = read_json(folder / "args.json", what="scGPT training arguments")
+    check_config_fields(args, _ARGS_FIELDS, source=folder / "args.json")
     pad_token = args.get("pad_token", "<pad>")
     vocab = GeneVocab.from_file(folder / "vocab.json", pad_token=pad_token)
 
-    try:
-        raw = torch.load(folder / "best_model.pt", map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling refused or corrupt file
-        raise RuntimeError(
-            f"Could not read {folder / 'best_model.pt'} as a plain state dict with "
-            f"torch.load(weights_only=True): {e}"
-        ) from e
+    raw = read_torch_file(folder / "best_model.pt")
     state_dict = normalize_scgpt_state_dict(raw, vocab=vocab)
     config = _config_from_args(args, state_dict)
     return ScGPTCheckpoint(config=config, vocab=vocab, state_dict=state_dict, args=args)
@@ -152,6 +150,17 @@ def _config_from_args(args: Mapping[str, Any], state_dict: Mapping[str, torch.Te
             config[dst] = args[src]
     for key in ("d_model", "nhead", "d_hid", "nlayers"):
         config[key] = int(config[key])
+    if config["d_model"] % config["nhead"]:
+        raise ValueError(
+            f"args.json: embsize {config['d_model']} is not divisible by nheads {config['nhead']}."
+        )
+    emb = state_dict.get("encoder.embedding.weight")
+    if emb is not None and emb.dim() == 2 and emb.shape[1] != config["d_model"]:
+        raise ValueError(
+            f"args.json: embsize {config['d_model']} disagrees with the weights "
+            f"(encoder.embedding.weight is {tuple(emb.shape)}); the args.json does not belong "
+            "to best_model.pt."
+        )
     for key in ("dropout", "pad_value", "mask_value"):
         if key in config:
             config[key] = float(config[key])
@@ -515,5 +524,6 @@ def load_scgpt_state_dict(
             "Integration parts not in the checkpoint keep their fresh initialisation: %s",
             ", ".join(sorted({k.rsplit(".", 1)[0] for k in fresh})),
         )
+    check_weights(state_dict, module.state_dict(), source="The scGPT weights")
     module.load_state_dict(state_dict, strict=not (head_only or fresh))
     return module

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pandas as pd
 from anndata import AnnData
+from mudata import MuData
 
 
 def annotate(
-    adata: AnnData,
+    adata: AnnData | MuData,
     model,
     *,
     key_added: str = "cf_celltype",
@@ -15,7 +16,7 @@ def annotate(
     store_probabilities: bool = False,
     batch_size: int | None = None,
     copy: bool = False,
-) -> AnnData | None:
+) -> AnnData | MuData | None:
     """Annotate cells with a fine-tuned cellformers model.
 
     Runs ``model.predict_celltype`` (soft, then the most likely label per cell) and writes
@@ -25,7 +26,8 @@ def annotate(
     Parameters
     ----------
     adata
-        Cells to annotate.
+        Cells to annotate (an AnnData, or a MuData whose RNA modality the model reads; the
+        results go into the MuData's own ``obs`` and ``obsm``).
     model
         A cellformers model with a fine-tuned classification head (``train(mode="finetune")``).
     key_added
@@ -53,8 +55,8 @@ def annotate(
         All class probabilities (with ``store_probabilities=True``).
 
     """
-    if not isinstance(adata, AnnData):
-        raise TypeError(f"Expected an AnnData object, got {type(adata).__name__}.")
+    if not isinstance(adata, AnnData | MuData):
+        raise TypeError(f"Expected an AnnData or MuData object, got {type(adata).__name__}.")
     if not hasattr(model, "predict_celltype"):
         raise TypeError(
             f"{type(model).__name__} has no predict_celltype; pass a cellformers model."

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pandas as pd
 from anndata import AnnData
+from mudata import MuData
 
 from ._transfer import _check_embedding
 
@@ -97,7 +98,7 @@ def _benchmark_context(verbose: bool):
 
 
 def evaluate_integration(
-    adata: AnnData,
+    adata: AnnData | MuData,
     embedding_keys: str | Sequence[str],
     *,
     batch_key: str,
@@ -120,7 +121,8 @@ def evaluate_integration(
     Parameters
     ----------
     adata
-        Cells with the embeddings in ``obsm``.
+        Cells with the embeddings in ``obsm`` (an AnnData or a MuData, whose global ``obs`` and
+        ``obsm`` are read).
     embedding_keys
         ``obsm`` keys of the embeddings to compare (e.g. ``["X_pca", "X_scgpt"]``).
     batch_key
@@ -175,8 +177,8 @@ def evaluate_integration(
     >>> cf.pl.integration_scores(df)
 
     """
-    if not isinstance(adata, AnnData):
-        raise TypeError(f"Expected an AnnData object, got {type(adata).__name__}.")
+    if not isinstance(adata, AnnData | MuData):
+        raise TypeError(f"Expected an AnnData or MuData object, got {type(adata).__name__}.")
     benchmark = _import_scib_metrics()
     bio = _metric_selection(bio_conservation, benchmark.BioConservation, "bio_conservation")
     batch = _metric_selection(batch_correction, benchmark.BatchCorrection, "batch_correction")
@@ -248,10 +250,11 @@ def evaluate_integration(
             n_obs=adata.n_obs,
         ).copy()
     elif needs_pre:
-        if adata.X is None:
+        if isinstance(adata, MuData) or adata.X is None:
             raise ValueError(
                 "The PCR comparison metric needs an unintegrated embedding: pass "
-                "`pre_integrated_key` or put normalised expression in adata.X."
+                "`pre_integrated_key` (for a MuData, e.g. a PCA of the RNA modality stored in "
+                "mdata.obsm) or put normalised expression in adata.X."
             )
         X = adata.X
     obs = pd.DataFrame(

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
+from mudata import MuData
 
 logger = logging.getLogger(__name__)
 
@@ -139,8 +140,10 @@ def transfer_labels(
     from sklearn.neighbors import NearestNeighbors
 
     for name, obj in (("query", query), ("reference", reference)):
-        if not isinstance(obj, AnnData):
-            raise TypeError(f"`{name}` must be an AnnData object, got {type(obj).__name__}.")
+        if not isinstance(obj, AnnData | MuData):
+            raise TypeError(
+                f"`{name}` must be an AnnData or MuData object, got {type(obj).__name__}."
+            )
     if metric not in ("euclidean", "cosine"):
         raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}.")
     if weighting not in ("distance", "uniform"):

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+from pathlib import Path
 
 import torch
 from scvi.module.base import BaseModuleClass, LossOutput
 from scvi.train import TrainingPlan
 
+from ..data import derive_seed, seed_random_states
+
+logger = logging.getLogger(__name__)
+
 LR_SCHEDULES: tuple[str, ...] = ("cosine", "linear", "step", "constant")
+LAST_CHECKPOINT = "last.ckpt"
+_RESUME_KEY = "cellformers_resume"  # where a checkpoint keeps the seed and the position
+_TRAIN_STREAM, _VALIDATION_STREAM = 1, 2  # keys of the per-step seeds (0 is the data's)
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -119,6 +129,16 @@ class PretrainingPlan(TrainingPlan):
     linear warm-up over ``warmup_ratio`` of all optimiser steps, then cosine decay. Metrics are
     logged outside inference mode so that multi-process (DDP) training on CPU works.
 
+    With a ``seed``, every training and validation step first seeds the random states of
+    Python, NumPy and torch with a function of ``(seed, epoch, batch, rank)``, so masking,
+    dropout and any other draw do not depend on what ran before; together with the seeded
+    training order of :class:`~cellformers.data.ResumableDataSplitter` this makes a run that
+    restarts from a checkpoint end with the same weights as one that never stopped. With a
+    ``checkpoint_dir`` the plan writes ``last.ckpt`` there every ``checkpoint_every_n_steps``
+    optimiser steps (replacing the previous one; a step that ends an epoch is saved with the
+    next one). A checkpoint holds only tensors, numbers, strings and dicts, so it loads with
+    ``torch.load(..., weights_only=True)``.
+
     Parameters
     ----------
     module
@@ -133,6 +153,17 @@ class PretrainingPlan(TrainingPlan):
         Fraction of the optimiser steps used for linear warm-up.
     min_lr_ratio
         Learning rate at the end of the cosine decay, as a fraction of ``lr``.
+    lr_schedule
+        Decay after the warm-up: one of ``"cosine"``, ``"linear"``, ``"step"``, ``"constant"``
+        (see :func:`lr_multiplier`).
+    step_gamma
+        Decay factor per epoch of the ``"step"`` schedule.
+    seed
+        Seed of the per-step random states; `None` leaves them alone.
+    checkpoint_dir
+        Folder for the resumable checkpoint ``last.ckpt``; `None` writes none.
+    checkpoint_every_n_steps
+        Optimiser steps between two checkpoints.
     **kwargs
         Passed to :class:`~scvi.train.TrainingPlan`.
 
@@ -149,6 +180,9 @@ class PretrainingPlan(TrainingPlan):
         min_lr_ratio: float = 0.0,
         lr_schedule: str = "cosine",
         step_gamma: float = 0.9,
+        seed: int | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every_n_steps: int = 50,
         **kwargs,
     ) -> None:
         if lr_schedule not in LR_SCHEDULES:
@@ -159,6 +193,13 @@ class PretrainingPlan(TrainingPlan):
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}.")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}.")
+        if isinstance(checkpoint_every_n_steps, bool) or not (
+            isinstance(checkpoint_every_n_steps, int) and checkpoint_every_n_steps > 0
+        ):
+            raise ValueError(
+                "checkpoint_every_n_steps must be a positive integer, got "
+                f"{checkpoint_every_n_steps!r}."
+            )
         kwargs.setdefault("optimizer", "AdamW")
         super().__init__(module, lr=lr, weight_decay=weight_decay, eps=eps, **kwargs)
         self.warmup_ratio = warmup_ratio
@@ -166,6 +207,12 @@ class PretrainingPlan(TrainingPlan):
         self.lr_schedule = lr_schedule
         self.step_gamma = step_gamma
         self._confusion: dict[str, torch.Tensor] = {}
+        self.seed = seed
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.checkpoint_every_n_steps = checkpoint_every_n_steps
+        self._position: tuple[int, int] | None = None  # (epoch, batches done) of a checkpoint
+        self._saved_step = 0
+        self._batches_per_epoch: int | None = None  # of the run a checkpoint was written by
 
     def configure_optimizers(self):
         """AdamW with a per-step warm-up + decay schedule sized by the trainer."""
@@ -226,6 +273,79 @@ class PretrainingPlan(TrainingPlan):
                 on_epoch=self.on_epoch,
                 batch_size=n_obs,
                 sync_dist=self.use_sync_dist,
+            )
+
+    # ------------------------------------------------------------------ seeding and checkpoints
+    def _seed_step(self, stream: int, batch_idx: int) -> None:
+        if self.seed is not None:
+            key = (self.seed, stream, self.current_epoch, batch_idx, self.global_rank)
+            seed_random_states(derive_seed(*key))
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """Seed the random states of this training step."""
+        self._seed_step(_TRAIN_STREAM, batch_idx)
+
+    def on_validation_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Seed the random states of this validation step."""
+        self._seed_step(_VALIDATION_STREAM, batch_idx)
+
+    def on_train_start(self) -> None:
+        """Check that a resumed run reads the data as the run that wrote the checkpoint."""
+        super().on_train_start()
+        self._saved_step = self.global_step
+        expected, self._batches_per_epoch = self._batches_per_epoch, None
+        if expected is not None and expected != self.trainer.num_training_batches:
+            raise ValueError(
+                f"The checkpoint was written by a run with {expected} minibatches per epoch, "
+                f"this run has {self.trainer.num_training_batches}: resume with the same data, "
+                "train_size, validation_size and batch_size."
+            )
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """Write ``last.ckpt`` when ``checkpoint_every_n_steps`` steps passed since the last."""
+        if self.checkpoint_dir is None:
+            return
+        every = self.checkpoint_every_n_steps
+        due = self.global_step // every > self._saved_step // every
+        # a checkpoint at the end of an epoch would skip its validation on resume
+        if not due or batch_idx + 1 >= self.trainer.num_training_batches:
+            return
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        path = self.checkpoint_dir / LAST_CHECKPOINT
+        partial = path.with_name(LAST_CHECKPOINT + ".partial")
+        self._position = (self.current_epoch, batch_idx + 1)
+        self.trainer.save_checkpoint(partial, weights_only=False)  # optimiser state too
+        self._position = None  # other checkpoints (e.g. callbacks') hold no position
+        if self.trainer.is_global_zero:
+            os.replace(partial, path)  # a kill while writing leaves the previous checkpoint
+        self._saved_step = self.global_step
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep the seed and the position in the epoch in the checkpoint."""
+        if self.seed is not None and self._position is not None:
+            epoch, batches_done = self._position
+            checkpoint[_RESUME_KEY] = {
+                "seed": int(self.seed),
+                "epoch": int(epoch),
+                "batches_done": int(batches_done),
+                "batches_per_epoch": int(self.trainer.num_training_batches),
+            }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restore the seed and make the data start where the checkpointed run stopped."""
+        state = checkpoint.get(_RESUME_KEY)
+        if state is None:
+            logger.warning(
+                "The checkpoint holds no training order (it was not written by train(..., "
+                "checkpoint_dir=...)); the resumed run will not repeat the original one."
+            )
+            return
+        self.seed = state["seed"]
+        self._batches_per_epoch = state["batches_per_epoch"]
+        datamodule = self.trainer.datamodule
+        if hasattr(datamodule, "resume_at"):
+            datamodule.resume_at(
+                seed=state["seed"], epoch=state["epoch"], batches_done=state["batches_done"]
             )
 
     # ------------------------------------------------------------------ classification scores
