@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import scvi
 
 import cellformers as cf
 from cellformers.model import SCBERT, SCGPT, Geneformer, SCFoundation
@@ -30,12 +31,42 @@ TINY = {
         "decoder_nb_features": 8,
     },
 }
+# shorter sequences keep the tests that run every class on real cells fast
+SHORT = {SCGPT: {"max_seq_len": 64}, Geneformer: {"max_input_size": 64}}
+CLASSES = list(TINY)
+FIT = {"max_epochs": 1, "batch_size": 20, "enable_progress_bar": False}
 
 
-def cellbench_cells(n_cells: int, n_genes: int, seed: int = 0):
-    """``n_cells`` random CellBench cells on their ``n_genes`` most often detected genes."""
+def class_id(cls) -> str:
+    return cls.__name__
+
+
+def tiny_kwargs(cls) -> dict:
+    """Constructor arguments of a tiny, fast ``cls`` model."""
+    return {**TINY[cls], **SHORT.get(cls, {})}
+
+
+def setup(cls, adata, **kwargs):
+    """Register ``adata`` (CellBench cells) for ``cls``; Geneformer reads the Ensembl IDs."""
+    if cls is Geneformer:
+        kwargs.setdefault("gene_key", "ensembl_id")
+    cls.setup_anndata(adata, **kwargs)
+    return adata
+
+
+def build(cls, adata, **setup_kwargs):
+    """Register ``adata`` and build a tiny ``cls`` model on it (seeded)."""
+    setup(cls, adata, **setup_kwargs)
+    scvi.settings.seed = 0
+    return cls(adata, **tiny_kwargs(cls))
+
+
+def cellbench_cells(n_cells: int = 40, n_genes: int = 200, seed: int = 0):
+    """A few real CellBench cells (both platforms) and their most detected genes."""
     adata = cf.data.cellbench_2platform()
     rng = np.random.default_rng(seed)
-    adata = adata[np.sort(rng.choice(adata.n_obs, n_cells, replace=False))].copy()
+    adata = adata[np.sort(rng.choice(adata.n_obs, n_cells, replace=False))]
     detected = np.asarray((adata.X > 0).mean(0)).ravel()
-    return adata[:, np.argsort(-detected, kind="stable")[:n_genes]].copy()
+    adata = adata[:, np.argsort(-detected, kind="stable")[:n_genes]].copy()
+    adata.obs["cell_line"] = adata.obs["cell_line"].cat.remove_unused_categories()
+    return adata

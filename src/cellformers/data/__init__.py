@@ -17,7 +17,13 @@ from ._sampling import (
     derive_seed,
     seed_random_states,
 )
-from ._validation import check_expression, check_setup_keys, check_unique
+from ._validation import (
+    check_expression,
+    check_obs_labels,
+    check_setup_keys,
+    check_shape,
+    check_unique,
+)
 
 __all__ = [
     "DATASETS",
@@ -27,7 +33,9 @@ __all__ = [
     "TokenizingCollator",
     "cellbench_2platform",
     "check_expression",
+    "check_obs_labels",
     "check_setup_keys",
+    "check_shape",
     "check_unique",
     "derive_seed",
     "fetch_file",

@@ -34,17 +34,28 @@ def length_bucketed_batches(lengths: np.ndarray, batch_size: int) -> list[np.nda
 
 
 def to_csr(X) -> sp.csr_matrix:
-    """Convert a minibatch matrix (dense array, SciPy sparse or torch sparse CSR) to CSR."""
+    """Convert a minibatch matrix (dense, SciPy sparse or torch sparse CSR/CSC) to CSR.
+
+    float16 values (which SciPy's sparse matrices cannot hold) become float32.
+    """
     if isinstance(X, torch.Tensor):
         if X.layout == torch.sparse_csr:
-            return sp.csr_matrix(
+            X = sp.csr_matrix(
                 (X.values().numpy(), X.col_indices().numpy(), X.crow_indices().numpy()),
                 shape=tuple(X.shape),
             )
-        X = X.numpy()
-    if sp.issparse(X):
-        return sp.csr_matrix(X)
-    return sp.csr_matrix(np.asarray(X))
+        elif X.layout == torch.sparse_csc:
+            X = sp.csc_matrix(
+                (X.values().numpy(), X.row_indices().numpy(), X.ccol_indices().numpy()),
+                shape=tuple(X.shape),
+            )
+        else:
+            X = X.numpy()
+    if not sp.issparse(X):
+        X = np.asarray(X)
+        if X.dtype == np.float16:
+            X = X.astype(np.float32)
+    return sp.csr_matrix(X)
 
 
 class TokenizingCollator:

@@ -106,6 +106,20 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _local_copy(entry: DatasetEntry) -> tuple[Path | None, list[Path]]:
+    """Return the first local copy of ``entry`` with the pinned sha256 and the copies without it."""
+    folders = [f for f in (settings.data_dir, settings.cache_dir / "data") if f is not None]
+    corrupt = []
+    for folder in folders:
+        path = Path(folder) / entry.fname
+        if path.is_file():
+            if _sha256(path) == entry.sha256:
+                return path, corrupt
+            logger.warning("Ignoring %s: its sha256 does not match the registry.", path)
+            corrupt.append(path)
+    return None, corrupt
+
+
 def fetch_file(name: str) -> Path:
     """Return a local path to registry dataset ``name``, checking its sha256.
 
@@ -122,22 +136,21 @@ def fetch_file(name: str) -> Path:
     if name not in DATASETS:
         raise KeyError(f"Unknown dataset {name!r}; known datasets: {sorted(DATASETS)}.")
     entry = DATASETS[name]
-    if settings.data_dir is not None:
-        path = Path(settings.data_dir) / entry.fname
-        if path.is_file():
-            if _sha256(path) == entry.sha256:
-                return path
-            logger.warning("Ignoring %s: its sha256 does not match the registry.", path)
-    return download(
-        entry.url,
-        entry.sha256,
-        settings.cache_dir / "data" / entry.fname,
-        missing=(
-            f"Dataset {name!r} ({entry.fname}) has no public download URL. Put the file in a "
-            "folder and point the CELLFORMERS_DATA environment variable (or "
-            "cellformers.settings.data_dir) at it."
-        ),
-    )
+    local, corrupt = _local_copy(entry)
+    if local is not None:
+        return local
+    if entry.url is None:
+        if corrupt:
+            raise ValueError(
+                f"Dataset {name!r}: the file {corrupt[0]} is there but its sha256 does not match "
+                f"the registry ({entry.sha256}); it is damaged or another version. Replace it "
+                "with the published file."
+            )
+        raise FileNotFoundError(
+            f"Dataset {name!r} ({entry.fname}) has no public download URL. Put the file in a folder "
+            "and point the CELLFORMERS_DATA environment variable (or cellformers.settings.data_dir) at it."
+        )
+    return download(entry.url, entry.sha256, settings.cache_dir / "data" / entry.fname)
 
 
 def download(
@@ -196,13 +209,13 @@ def download(
 
 
 def is_available(name: str) -> bool:
-    """Whether dataset ``name`` can be loaded without a network connection."""
-    try:
-        entry = DATASETS[name]
-    except KeyError:
+    """Whether dataset ``name`` can be loaded without a network connection.
+
+    Only a local copy with the pinned sha256 counts (the file is read once to check it).
+    """
+    if name not in DATASETS:
         return False
-    folders = [f for f in (settings.data_dir, settings.cache_dir / "data") if f is not None]
-    return any((Path(f) / entry.fname).is_file() for f in folders)
+    return _local_copy(DATASETS[name])[0] is not None
 
 
 def geneformer_v1_dictionaries() -> dict[str, Path]:

@@ -65,6 +65,39 @@ def check_expression(X, *, name: str = "adata.X", require_integer: bool = True) 
             )
 
 
+def check_shape(adata: AnnData) -> None:
+    """Raise a :class:`ValueError` if ``adata`` has no cells or no genes."""
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ValueError(
+            f"The AnnData has {adata.n_obs} cells and {adata.n_vars} genes; it needs at least "
+            "one of each. Check the subsetting that produced it."
+        )
+
+
+def check_obs_labels(adata: AnnData, key: str | None, *, role: str) -> None:
+    """Raise a :class:`ValueError` if the categorical ``adata.obs[key]`` has missing values.
+
+    Parameters
+    ----------
+    adata
+        The AnnData.
+    key
+        Column of ``adata.obs`` (``None`` checks nothing).
+    role
+        The argument that named the column, for the message (e.g. ``"labels_key"``).
+
+    """
+    if key is None:
+        return
+    missing = adata.obs[key].isna()
+    if missing.any():
+        names = ", ".join(map(str, adata.obs_names[missing.to_numpy()][:3]))
+        raise ValueError(
+            f"adata.obs[{key!r}] ({role}) has {int(missing.sum())} missing values (e.g. cells "
+            f"{names}). Give those cells a label of their own (e.g. 'unknown') or drop them."
+        )
+
+
 def check_unique(names: Sequence[str] | pd.Index, *, what: str = "adata.var_names") -> None:
     """Raise a :class:`ValueError` naming the duplicates if ``names`` are not unique."""
     index = pd.Index(names)

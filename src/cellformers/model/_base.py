@@ -51,7 +51,9 @@ from ..data import (
     ResumableDataSplitter,
     TokenizingCollator,
     check_expression,
+    check_obs_labels,
     check_setup_keys,
+    check_shape,
     check_unique,
     length_bucketed_batches,
     to_csr,
@@ -70,6 +72,8 @@ EMPTY_CELLS: tuple[str, ...] = ("raise", "nan")
 _N_NAMED = 5  # cells named in messages
 _SINGLE_CLASS_SHARE = 0.98  # predict_celltype warns when one class takes this share of cells
 _SCVI_UUID_KEY = "_scvi_uuid"  # where scvi-tools keeps an AnnData's registration id (adata.uns)
+# keyword arguments of setup_anndata passed on to scvi-tools' transfer of a registration
+_TRANSFER_ARGS = frozenset({"source_registry", "extend_categories", "allow_missing_labels"})
 SPATIAL_KEY = "spatial"  # registry key of the cells' spatial coordinates
 #: setup_mudata arguments that may name a modality, and the RNA modality's default name.
 _MODALITY_ARGS = (
@@ -371,7 +375,21 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             if isinstance(adata, MuData):
                 hint = f" Set a MuData up with `{cls.__name__}.setup_mudata`."
             raise TypeError(f"Expected an AnnData object, got {type(adata).__name__}.{hint}")
+        unknown = sorted(set(kwargs) - _TRANSFER_ARGS)
+        if unknown:
+            raise TypeError(
+                f"{cls.__name__}.setup_anndata() got unexpected arguments {unknown}."
+                + (
+                    " Perturbation training (perturbation_key, control_label) is a feature of "
+                    "SCFoundation; the other models perturb with `model.perturb(...)`."
+                    if {"perturbation_key", "control_label"} & set(unknown)
+                    else ""
+                )
+            )
+        check_shape(adata)
         check_setup_keys(adata, layer=layer, obs_keys=[batch_key, labels_key], var_keys=[gene_key])
+        check_obs_labels(adata, labels_key, role="labels_key")
+        check_obs_labels(adata, batch_key, role="batch_key")
         _check_genes_and_expression(adata, layer, gene_key, is_count_data, name="adata")
         fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=is_count_data),
@@ -587,16 +605,27 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         return pd.Index(rna.var[gene_key].astype(str))
 
     def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True) -> AnnData:
-        """Validate ``adata``; query data may carry any genes.
+        """Validate ``adata``; query data may carry any genes, labels and batches.
 
         A foundation model reads genes through its vocabulary, so a query AnnData whose genes
-        differ from the registered ones, or that lacks the label or batch column, is set up
-        afresh (with its own setup if the user ran :meth:`setup_anndata` on it, else with the
-        model's setup arguments minus the missing columns) instead of being rejected by
-        scvi-tools' field transfer, which requires the registered genes and columns.
+        differ from the registered ones, or whose label or batch column is missing or holds
+        categories the reference lacks, is set up afresh (with its own setup if the user ran
+        :meth:`setup_anndata` on it, else with the model's setup arguments minus the label
+        column and, unless the model reads batches, the batch column) instead of being
+        rejected by scvi-tools' field transfer, which requires the registered genes and
+        categories. Inference never reads labels. A view is validated as a copy (the
+        returned AnnData), so the user's view stays a view; the expression of a query is
+        checked as :meth:`setup_anndata` checks it.
         """
         if adata is None:
             return super()._validate_anndata(adata, copy_if_view)
+        if not isinstance(adata, AnnData | MuData):
+            raise TypeError(f"Expected an AnnData object, got {type(adata).__name__}.")
+        if adata is self.adata:
+            return super()._validate_anndata(adata, copy_if_view)
+        if adata.is_view:
+            adata = adata.copy()
+        check_shape(adata)
         setup_args = self._query_setup_args(adata)
         uuid = adata.uns.get(_SCVI_UUID_KEY)
         # look the stores up directly: scvi-tools' getters try a field transfer on copies
@@ -616,12 +645,13 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             and self._has_registered_genes(adata)
             and setup_args == self.registry_["setup_args"]
         ):
-            return super()._validate_anndata(adata, copy_if_view)
-        if adata.is_view:
-            raise ValueError("Received a view of an AnnData; pass `adata.copy()` instead.")
+            adata = super()._validate_anndata(adata, copy_if_view)
+            self._check_query_expression(adata)
+            return adata
         manager = type(self)._per_instance_manager_store.get(self.id, {}).get(uuid)
         if manager is not None and manager.adata is adata:
             manager.validate()
+            self._check_query_expression(adata)
             return adata
         manager = own
         if manager is None:
@@ -631,23 +661,44 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             getattr(type(self), method)(adata, **setup_args)
             manager = self._get_most_recent_anndata_manager(adata, required=True)
         self._register_manager_for_instance(manager)
+        if own is not None:  # set up by the user, possibly before the data changed
+            self._check_query_expression(adata)
         return adata
 
-    def _query_setup_args(self, adata: AnnData | None) -> dict:
-        """Return the model's setup arguments, without label/batch columns ``adata`` lacks.
+    def _check_query_expression(self, adata: AnnData) -> None:
+        """Check the registered expression of a query as :meth:`setup_anndata` does."""
+        if isinstance(adata, MuData):  # setup_mudata checks each modality
+            return
+        manager = self.get_anndata_manager(adata, required=True)
+        layer = manager.registry["setup_args"].get("layer")
+        field = next(f for f in manager.fields if f.registry_key == REGISTRY_KEYS.X_KEY)
+        check_expression(
+            manager.get_from_registry(REGISTRY_KEYS.X_KEY),
+            name="adata.X" if layer is None else f"adata.layers[{layer!r}]",
+            require_integer=field.is_count_data,
+        )
 
-        Inference reads only the expression (and per-cell fields the tokenizer needs), so a
-        query without the reference's label or batch column can still be embedded and
-        classified.
+    def _reads_batches(self) -> bool:
+        """Whether inference reads each cell's batch (then a query must register it)."""
+        return False
+
+    def _query_setup_args(self, adata: AnnData | None) -> dict:
+        """Return the model's setup arguments for a query AnnData.
+
+        Inference reads only the expression (and per-cell fields the tokenizer needs), so the
+        label column is left out, as is the batch column unless :meth:`_reads_batches`, or
+        when ``adata`` lacks it: a query can be embedded and classified whatever its labels.
         """
         args = dict(self.registry_["setup_args"])
-        if adata is not None:
+        if adata is not None and adata is not self.adata:
             mods = args.get("modalities") or {}
             for key in ("labels_key", "batch_key"):
+                if args.get(key) is None:
+                    continue
                 obs = adata.obs
                 if isinstance(adata, MuData) and mods.get(key) in adata.mod:
                     obs = adata.mod[mods[key]].obs
-                if args.get(key) is not None and args[key] not in obs:
+                if key == "labels_key" or not self._reads_batches() or args[key] not in obs:
                     args[key] = None
         return args
 
@@ -826,6 +877,20 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         if self.adata_manager is None:
             return False
         return self.adata_manager.registry["setup_args"].get("labels_key") is not None
+
+    def _check_label_categories(self) -> None:
+        """Raise if a registered label has no cell: the head would learn it as a class."""
+        codes = np.asarray(self.get_from_registry(self.adata, REGISTRY_KEYS.LABELS_KEY))
+        names = self._label_names()
+        unused = names[np.bincount(codes.reshape(-1).astype(np.int64), minlength=len(names)) == 0]
+        if len(unused):
+            key = self._setup_arg(self.adata, "labels_key")
+            raise ValueError(
+                f"adata.obs[{key!r}] has categories without cells: {list(unused[:10])}. They would "
+                "become classes the model can predict but never learns; drop them with "
+                f"`adata.obs[{key!r}] = adata.obs[{key!r}].cat.remove_unused_categories()` and "
+                "run setup_anndata and build the model again."
+            )
 
     def _label_names(self) -> np.ndarray:
         """Return the registered label categories, in the order of the classifier's outputs."""
@@ -1205,6 +1270,7 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
                     f"`{type(self).__name__}.setup_anndata(adata, labels_key=...)` and build the "
                     "model again."
                 )
+            self._check_label_categories()
             with self._lora_set_aside():  # a rebuilt module gets the adapters back
                 self._prepare_classifier(len(self._label_names()))
             weights = self._class_weight_tensor(class_weight)
@@ -1342,8 +1408,9 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
                     f"unknown_threshold must be a probability in [0, 1], got {unknown_threshold}."
                 )
         if not self.finetuned_:
-            logger.warning(
-                "The classification head has not been fine-tuned; predictions are random."
+            raise ValueError(
+                "The classification head has not been fine-tuned, so its predictions would be "
+                "random: run `train(mode='finetune')` first (or load a fine-tuned checkpoint)."
             )
         adata = self._validate_anndata(adata)
         indices = _resolve_indices(indices, adata.n_obs)
@@ -1598,6 +1665,8 @@ class FoundationModelBase(LoRAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         with atomic_write(dir_path, overwrite=overwrite) as tmp:
             if save_anndata:
                 name = names["adata"] if isinstance(self.adata, AnnData) else names["mdata"]
+                if isinstance(self.adata, AnnData):  # else anndata categorises strings in place
+                    anndata_write_kwargs.setdefault("convert_strings_to_categoricals", False)
                 self.adata.write(tmp / name, **anndata_write_kwargs)
             _write_saved_model(tmp, names, type(self), state, self.get_var_names(), attrs)
 

@@ -18,7 +18,7 @@ from anndata import AnnData
 from scvi import REGISTRY_KEYS
 from scvi.utils import setup_anndata_dsp
 
-from ..data import geneformer_v1_dictionaries
+from ..data import geneformer_v1_dictionaries, to_csr
 from ..genes import GeneVocab, check_gene_dict, match_genes, read_gene_dict
 from ..module import GeneformerModule
 from ..pretrained import (
@@ -35,7 +35,7 @@ from ..tokenize import (
     tokenize_geneformer,
 )
 from ..tokenize._perturb import PERTURB_MODES
-from ._base import FoundationModelBase, _resolve_indices
+from ._base import _CHUNK_CELLS, FoundationModelBase, _resolve_indices
 
 logger = logging.getLogger(__name__)
 
@@ -169,10 +169,12 @@ class Geneformer(FoundationModelBase):
     Examples
     --------
     >>> import cellformers as cf
-    >>> adata = cf.data.cellbench_2platform()
+    >>> adata = cf.data.cellbench_2platform()[::4].copy()  # 113 cells for a quick run
     >>> cf.model.Geneformer.setup_anndata(adata, gene_key="ensembl_id", labels_key="cell_line")
-    >>> model = cf.model.Geneformer(adata, hidden_size=64, num_hidden_layers=2, intermediate_size=128)
-    >>> model.train(max_epochs=2)  # masked-gene pretraining
+    >>> model = cf.model.Geneformer(
+    ...     adata, hidden_size=32, num_hidden_layers=2, intermediate_size=64, max_input_size=128
+    ... )
+    >>> model.train(max_epochs=1)  # masked-gene pretraining
     >>> model.train(mode="finetune", max_epochs=2)  # cell-line classification
     >>> adata.obs["prediction"] = model.predict_celltype()
 
@@ -484,7 +486,11 @@ class Geneformer(FoundationModelBase):
     def _corpus_medians(self, adata: AnnData, token_dictionary: dict[str, int]) -> dict[str, float]:
         """Non-zero median of ``counts / total * 10,000`` per gene of ``adata`` (a new corpus)."""
         manager = self.get_anndata_manager(adata, required=True)
-        X = sp.csr_matrix(manager.get_from_registry(REGISTRY_KEYS.X_KEY))
+        source = manager.get_from_registry(REGISTRY_KEYS.X_KEY)  # may be backed: read in chunks
+        X = sp.vstack(
+            [to_csr(source[i : i + _CHUNK_CELLS]) for i in range(0, adata.n_obs, _CHUNK_CELLS)],
+            format="csr",
+        )
         totals = self._n_counts(adata, np.arange(adata.n_obs), X)
         scale = np.divide(1e4, totals, out=np.zeros_like(totals), where=totals > 0)
         norm = sp.csc_matrix(sp.diags(scale) @ X)
@@ -740,6 +746,13 @@ class Geneformer(FoundationModelBase):
         genes = [genes] if isinstance(genes, str) else list(genes)
         if not genes:
             raise ValueError("Pass the genes to perturb as `genes=[...]`.")
+        combos = [g for g in genes if not isinstance(g, str)]
+        if combos:
+            raise TypeError(
+                f"Geneformer.perturb perturbs one gene at a time; pass gene names, not "
+                f"combinations such as {combos[0]!r} (the shared `perturb` of SCGPT, SCBERT and "
+                "SCFoundation takes tuples of genes perturbed together)."
+            )
         if len(set(genes)) != len(genes):
             raise ValueError("`genes` holds duplicates.")
         match = match_genes(pd.Index(genes), self.vocab, min_coverage=0.0)

@@ -147,11 +147,12 @@ class SCBERT(FoundationModelBase):
     Examples
     --------
     >>> import cellformers as cf
-    >>> adata = cf.data.cellbench_2platform()
+    >>> adata = cf.data.cellbench_2platform()[::4]  # 113 cells for a quick run
+    >>> adata = adata[:, (adata.X > 0).sum(0).A1 >= 100].copy()  # the most detected genes
     >>> cf.model.SCBERT.setup_anndata(adata, gene_key="gene_symbol", labels_key="cell_line")
     >>> # from scratch: a learned position table tells the panel genes apart
-    >>> model = cf.model.SCBERT(adata, dim=32, depth=2, heads=2, dim_head=16)
-    >>> model.train(max_epochs=2)  # masked-expression pretraining
+    >>> model = cf.model.SCBERT(adata, dim=16, depth=2, heads=2, dim_head=8)
+    >>> model.train(max_epochs=1)  # masked-expression pretraining
     >>> model.train(mode="finetune", max_epochs=2)  # cell-line classification
     >>> adata.obs["prediction"] = model.predict_celltype(unknown_threshold=0.5)
 

@@ -286,20 +286,29 @@ class SCFoundation(FoundationModelBase):
 
     Examples
     --------
+    Zero-shot embeddings with the published weights (``models.ckpt`` and the gene index, from
+    the scFoundation release):
+
     >>> import cellformers as cf
+    >>> adata = cf.data.cellbench_2platform()
     >>> cf.model.SCFoundation.setup_anndata(adata)  # raw counts
     >>> model = cf.model.SCFoundation.from_pretrained(
     ...     "models.ckpt", adata, gene_list="OS_scRNA_gene_index.19264.tsv"
     ... )
     >>> adata.obsm["X_scfoundation"] = model.get_latent_representation()  # 3,072-d
 
-    A perturbation-response predictor (scGPT's perturbation recipe on this network):
+    A perturbation-response predictor (scGPT's perturbation recipe on this network), trained
+    from scratch on a CRISPR screen:
 
+    >>> import cellformers as cf
+    >>> adata = cf.data.papalexi_eccite_lowmoi()[::30].copy()  # 540 cells for a quick run
     >>> cf.model.SCFoundation.setup_anndata(
     ...     adata, perturbation_key="perturbation", control_label="non-targeting"
     ... )
-    >>> model = cf.model.SCFoundation(adata, encoder_dim=64, encoder_depth=2, decoder_dim=32)
-    >>> model.train(mode="perturbation", train_perturbations=["STAT1", "JAK2"], max_epochs=3)
+    >>> model = cf.model.SCFoundation(
+    ...     adata, encoder_dim=32, encoder_depth=2, encoder_heads=4, decoder_dim=32, decoder_depth=1
+    ... )
+    >>> model.train(mode="perturbation", train_perturbations=["STAT1", "JAK2"], max_epochs=2)
     >>> predicted = model.predict_perturbation(["IRF1", "STAT1+JAK2"])  # perturbations x genes
 
     """

@@ -171,10 +171,10 @@ class SCGPT(FoundationModelBase):
     Examples
     --------
     >>> import cellformers as cf
-    >>> adata = cf.data.pbmc68k_reduced_counts()
+    >>> adata = cf.data.pbmc68k_reduced_counts()[::4].copy()  # 175 cells for a quick run
     >>> cf.model.SCGPT.setup_anndata(adata, layer="counts", labels_key="bulk_labels")
-    >>> model = cf.model.SCGPT(adata, d_model=64, nhead=4, d_hid=64, nlayers=2)
-    >>> model.train(max_epochs=5)
+    >>> model = cf.model.SCGPT(adata, d_model=32, nhead=4, d_hid=32, nlayers=2, max_seq_len=128)
+    >>> model.train(max_epochs=2)
     >>> adata.obsm["X_scgpt"] = model.get_latent_representation()
 
     Batch integration as in scGPT's integration recipe (on pretrained weights, the batch parts
@@ -443,6 +443,7 @@ class SCGPT(FoundationModelBase):
             k for k in (*_BATCH_OPTIONS, "explicit_zero_prob") if config[k] and not ckpt.config[k]
         ]
         load_scgpt_state_dict(model.module, ckpt.state_dict, init_batch_modules=bool(fresh_parts))
+        model.finetuned_ = any(k.startswith("cls_decoder.") for k in ckpt.state_dict)
         model.module.eval()
         model.is_trained_ = True
         model.checkpoint_ = {"format": "scgpt", "path": os.fspath(path)}
@@ -492,6 +493,9 @@ class SCGPT(FoundationModelBase):
         )
         index = {c: i for i, c in enumerate(self.batch_categories)}
         return np.array([index.get(c, -1) for c in names], dtype=np.int64), names
+
+    def _reads_batches(self) -> bool:
+        return self.batch_categories is not None
 
     def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True) -> AnnData:
         """Validate ``adata``; a query with batch categories the registry lacks is set up anew.

@@ -229,8 +229,11 @@ def evaluate_integration(
     # Benchmarker writes into the AnnData it gets (PCA into obsm/uns/varm, neighbour results,
     # obs columns of views): give it a light copy under neutral names.
     names = {f"emb{i}": key for i, key in enumerate(keys)}
+    # copies: Benchmarker rescales the embeddings it gets in place
     obsm = {
-        name: _check_embedding(adata.obsm[key], name=f"adata.obsm[{key!r}]", n_obs=adata.n_obs)
+        name: _check_embedding(
+            adata.obsm[key], name=f"adata.obsm[{key!r}]", n_obs=adata.n_obs
+        ).copy()
         for name, key in names.items()
     }
     needs_pre = batch is not None and batch.pcr_comparison is not False
@@ -245,7 +248,7 @@ def evaluate_integration(
             adata.obsm[pre_integrated_key],
             name=f"adata.obsm[{pre_integrated_key!r}]",
             n_obs=adata.n_obs,
-        )
+        ).copy()
     elif needs_pre:
         if isinstance(adata, MuData) or adata.X is None:
             raise ValueError(
