@@ -57,6 +57,7 @@ def saved_model(tmp_path_factory, small_h5ad):
     SCGPT.setup_anndata(adata, labels_key="cell_line")
     model = SCGPT(adata, d_model=16, nhead=2, d_hid=16, nlayers=1, max_seq_len=64, n_labels=3)
     model.is_trained_ = True
+    model.finetuned_ = True  # a random head stands in for a fine-tuned one
     path = tmp_path_factory.mktemp("cli") / "tiny_scgpt"
     model.save(path)
     return path, model.get_latent_representation(), model.predict_celltype()
